@@ -1,0 +1,436 @@
+"""Typed configuration from YAML or a dict; unknown keys and bad values are errors.
+
+A config is a tree of frozen dataclasses, one per section (``model``, ``algorithm``, ``data``,
+``train``, ``eval``). Parsing is strict: an unknown key, a wrong type or an out-of-range value
+raises :class:`ConfigError` whose message starts with the dotted path of the offending key::
+
+    train.meta_batch: must be >= 1, got 0
+
+Sections ``algorithm`` and ``data`` are *open*: besides their common fields they accept extra
+keys that are passed through to the algorithm constructor / the task family (``extra``). The
+algorithm's extras are checked against its constructor's signature here; the family's when the
+family is built.
+
+Adding a section
+----------------
+Write a frozen dataclass whose fields have defaults (use :func:`option` for ranges and choices,
+a nested dataclass for a sub-section), then add one field to :class:`Config`. Nothing else:
+parsing, validation, :meth:`Config.to_dict` and dotted overrides follow from the dataclasses.
+
+Examples
+--------
+>>> cfg = Config.from_dict({"train": {"meta_batch": 4, "steps": 10}})
+>>> cfg.train.meta_batch, cfg.model.arch
+(4, 'mlp')
+>>> Config.from_dict({"train": {"meta_batch": 0}})
+Traceback (most recent call last):
+...
+agent.config.ConfigError: train.meta_batch: must be >= 1, got 0
+>>> Config.from_dict({"trian": {}})
+Traceback (most recent call last):
+...
+agent.config.ConfigError: trian: unknown key (known: model, algorithm, data, train, eval)
+>>> with_overrides(cfg, ["train.steps=20", "algorithm.inner_lr=0.1"]).train.steps
+20
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "AlgorithmConfig",
+    "DataConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "Config",
+    "option",
+    "load",
+    "with_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted key path."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+def option(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None, choices: Iterable[Any] | None = None,
+           default_factory: Any = dataclasses.MISSING, doc: str = "") -> Any:
+    """A dataclass field with validation metadata (bounds apply to numbers and to list items)."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": None if choices is None else tuple(choices), "doc": doc}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -- sections ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone: ``agent.nn.build_model(arch, in_shape=..., out_dim=..., norm=..., **kwargs)``.
+
+    ``hidden`` (MLP layer widths) and ``width`` (channels of conv backbones) are passed only when
+    set; ``options`` carries any other backbone keyword.
+    """
+
+    arch: str = option("mlp", choices=("mlp", "conv4", "resnet12"))
+    norm: Optional[str] = option(None, doc="normalisation policy (agent.nn.NORMS); default: the backbone's")
+    hidden: Optional[tuple[int, ...]] = option(None, ge=1)
+    width: Optional[int] = option(None, ge=1)
+    options: dict[str, Any] = option(default_factory=dict)
+
+    def _validate(self, path: str) -> None:
+        try:
+            from agent.nn import NORMS
+        except ImportError:  # backbones not importable: build_model will check
+            return
+        if self.norm is not None and self.norm not in NORMS:
+            raise ConfigError(f"{path}.norm", f"must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.arch == "mlp" and self.norm not in (None, "none"):
+            raise ConfigError(f"{path}.norm", f"the MLP has no normalisation: use none, got {self.norm!r}")
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``build_model`` besides ``arch``, ``in_shape`` and ``out_dim``."""
+        kw: dict[str, Any] = {} if self.norm is None else {"norm": self.norm}
+        if self.hidden is not None:
+            kw["hidden"] = tuple(self.hidden)
+        if self.width is not None:
+            kw["width"] = self.width
+        kw.update(self.options)
+        return kw
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The adaptation algorithm; extra keys are the algorithm's own hyperparameters."""
+
+    name: str = "maml"
+    inner_lr: float = option(0.01, gt=0.0)
+    inner_steps: int = option(1, ge=0)
+    first_order: bool = False
+    extra: dict[str, Any] = option(default_factory=dict)
+
+    _open = "extra"  # unknown keys of this section go here
+
+    def hyper(self) -> dict[str, Any]:
+        """Constructor keywords for ``agent.algorithms.build`` (common ones it accepts + extras)."""
+        accepted = _accepted_keywords(self.name)
+        common = {"inner_lr": self.inner_lr, "inner_steps": self.inner_steps, "first_order": self.first_order}
+        kw = {k: v for k, v in common.items() if accepted is None or k in accepted}
+        kw.update(self.extra)
+        return kw
+
+    def _validate(self, path: str) -> None:
+        from agent.algorithms import NAMES
+
+        if self.name not in NAMES:
+            raise ConfigError(f"{path}.name", f"unknown algorithm {self.name!r} (known: {', '.join(NAMES)})")
+        accepted = _accepted_keywords(self.name)
+        if accepted is not None:
+            for key in self.extra:
+                if key not in accepted:
+                    known = ", ".join(sorted(accepted - {"inner_lr", "inner_steps", "first_order"})) or "none"
+                    raise ConfigError(f"{path}.{key}", f"unknown option for algorithm {self.name!r} (its options: {known})")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The task family: ``agent.data.make_family(family, split, **kwargs)``; extra keys pass through."""
+
+    family: str = "sinusoid"
+    n_way: Optional[int] = option(None, ge=2)
+    k_shot: int = option(10, ge=1)
+    k_query: int = option(10, ge=1)
+    extra: dict[str, Any] = option(default_factory=dict)
+
+    _open = "extra"
+
+    def family_kwargs(self) -> dict[str, Any]:
+        """Keywords for ``make_family`` (``n_way`` only when set)."""
+        kw: dict[str, Any] = {"k_shot": self.k_shot, "k_query": self.k_query}
+        if self.n_way is not None:
+            kw["n_way"] = self.n_way
+        kw.update(self.extra)
+        return kw
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Meta-training: outer loop, validation, checkpoints, resources."""
+
+    meta_batch: int = option(25, ge=1)
+    steps: int = option(1000, ge=0)
+    outer_lr: float = option(1e-3, gt=0.0)
+    optimizer: str = option("auto", choices=("auto", "adam", "sgd"), doc="auto: SGD for Reptile, Adam otherwise")
+    grad_clip: Optional[float] = option(None, gt=0.0, doc="clip the global gradient norm")
+    val_every: int = option(100, ge=0, doc="0: validate only at the end")
+    val_tasks: int = option(100, ge=1)
+    checkpoint_every: int = option(500, ge=0, doc="0: checkpoint only at the end")
+    keep_checkpoints: int = option(3, ge=1)
+    max_bad_steps: int = option(100, ge=1, doc="abort after this many consecutive non-finite steps")
+    log_every: int = option(0, ge=0, doc="plain log lines every N steps when not on a TTY; 0: none")
+    seed: int = option(0, ge=0)
+    threads: int = option(1, ge=1)
+    time_limit_s: Optional[float] = option(None, gt=0.0)
+    dtype: str = option("float32", choices=("float32", "float64"))
+    use_vmap: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation: episodes of the test split, adapted with ``steps`` inner steps."""
+
+    episodes: int = option(600, ge=1)
+    seed: int = option(2024, ge=0)
+    steps: Optional[tuple[int, ...]] = option(None, ge=0, doc="inner steps to report; default: algorithm.inner_steps")
+    split: str = option("test", choices=("train", "val", "test"))
+    confidence: float = option(0.95, gt=0.0, lt=1.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. Add a section by adding a field here."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "Config":
+        """Parse and validate a plain dict (``None`` gives the defaults)."""
+        return _parse(cls, {} if data is None else data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Config":
+        """Parse a YAML file."""
+        return load(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML/JSON-friendly dict that :meth:`from_dict` reads back to an equal config."""
+        return _dump(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- loading ----------------------------------------------------------------------------------
+def load(path: str | Path) -> Config:
+    """Read a YAML config file.
+
+    Raises :class:`ConfigError` for a missing file, invalid YAML or an invalid config.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError("", f"cannot read config {str(p)!r}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"invalid YAML in {str(p)!r}: {e}") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError("", f"{str(p)!r}: top level must be a mapping, got {type(data).__name__}")
+    return Config.from_dict(data)
+
+
+def with_overrides(config: Config, overrides: Iterable[str] | Mapping[str, Any]) -> Config:
+    """A copy of ``config`` with dotted-key overrides (``"train.steps=20"`` or ``{"train.steps": 20}``).
+
+    String values are read as YAML scalars (``20`` is an int, ``true`` a bool, ``[1, 5]`` a list).
+    """
+    data = config.to_dict()
+    items = overrides.items() if isinstance(overrides, Mapping) else (_split_override(o) for o in overrides)
+    for key, value in items:
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return Config.from_dict(data)
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError("", f"override must look like section.key=value, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(key.strip(), f"cannot parse value {value!r}") from None
+
+
+# -- generic machinery ------------------------------------------------------------------------
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _parse(cls: type, data: Any, path: str) -> Any:
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f"must be a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    open_field = getattr(cls, "_open", None)
+    known = [n for n in fields if n != open_field]
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, raw in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(path, f"keys must be strings, got {_show(key)}")
+        kpath = _join(path, key)
+        if key not in fields or key == open_field:
+            if open_field is not None:
+                extra[key] = _plain(raw, kpath)
+                continue
+            raise ConfigError(kpath, f"unknown key (known: {', '.join(known)})")
+        values[key] = _coerce(hints[key], raw, kpath, fields[key].metadata)
+    if open_field is not None:
+        values[open_field] = extra
+    obj = cls(**values)
+    validate = getattr(obj, "_validate", None)
+    if validate is not None:
+        validate(path)
+    return obj
+
+
+def _coerce(tp: Any, value: Any, path: str, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if value is None:
+            raise ConfigError(path, "must not be null")
+        return _coerce(inner[0], value, path, meta) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return _parse(tp, {} if value is None else value, path)
+    if tp is Any:
+        return _plain(value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"must be one of {', '.join(map(repr, args))}, got {_show(value)}")
+        return value
+    if origin is tuple or origin is list:
+        item_t = args[0] if args else Any
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and item_t in (int, float):
+            value = [value]  # a single number where a list is expected
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"must be a list, got {_show(value)}")
+        items = [_coerce(item_t, v, f"{path}[{i}]", meta) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"must be a mapping, got {_show(value)}")
+        return {str(k): _plain(v, _join(path, str(k))) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"must be true or false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(path, f"must be an integer, got {_show(value)}")
+        value = int(value)
+    elif tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"must be a number, got {_show(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(path, f"must be finite, got {value}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {_show(value)}")
+    _check_range(value, path, meta)
+    return value
+
+
+def _check_range(value: Any, path: str, meta: Mapping[str, Any]) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(path, f"must be one of {', '.join(map(str, choices))}, got {_show(value)}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                              ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+            bound = meta.get(key)
+            if bound is not None and not ok(value, bound):
+                raise ConfigError(path, f"must be {word} {bound}, got {value}")
+
+
+def _plain(value: Any, path: str) -> Any:
+    """Check that a pass-through value is plain data (what YAML can hold)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, _join(path, str(k))) for k, v in value.items()}
+    raise ConfigError(path, f"must be plain data, got {type(value).__name__}")
+
+
+def _dump(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        out: dict[str, Any] = {}
+        open_field = getattr(type(obj), "_open", None)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name == open_field:
+                out.update(_dump(value))
+            else:
+                out[f.name] = _dump(value)
+        return out
+    if isinstance(value := obj, (list, tuple)):
+        return [_dump(v) for v in value]
+    if isinstance(obj, Mapping):
+        return {k: _dump(v) for k, v in obj.items()}
+    return obj
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _accepted_keywords(name: str) -> set[str] | None:
+    """Keyword names the algorithm's constructor accepts (``None``: anything, via ``**kwargs``)."""
+    from agent.algorithms import algorithm_class
+
+    try:
+        cls = algorithm_class(name)
+    except (ImportError, AttributeError):  # not written yet: accept, fail later at build time
+        return None
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        accepted |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", "model")}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return accepted
+    return None
