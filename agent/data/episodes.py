@@ -56,6 +56,8 @@ class LabelledSet:
         Optional named class splits defined by the data set itself.
     class_names, group_names
         Optional readable names indexed by label / group id.
+    meta
+        Anything else the loader wants to keep (code points of glyphs, source paths).
     """
 
     x: np.ndarray
@@ -64,6 +66,7 @@ class LabelledSet:
     splits: dict[str, np.ndarray] = field(default_factory=dict)
     class_names: np.ndarray | None = None
     group_names: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.x = np.asarray(self.x)
@@ -114,7 +117,7 @@ class LabelledSet:
         """The samples of ``classes`` only (labels unchanged)."""
         keep = np.isin(self.y, np.asarray(list(classes), dtype=np.int64))
         return LabelledSet(self.x[keep], self.y[keep], None if self.groups is None else self.groups[keep],
-                           class_names=self.class_names, group_names=self.group_names)
+                           class_names=self.class_names, group_names=self.group_names, meta=self.meta)
 
 
 def split_classes(data: LabelledSet | np.ndarray, fractions: Sequence[float] = (0.6, 0.2, 0.2),
