@@ -363,16 +363,15 @@ class Algorithm:
 
         Without ``create_graph`` the new state is detached from ``meta`` (inference); with it the
         step is differentiable to second order. The returned state's ``prev_loss`` is the
-        support loss of ``state``.
+        support loss of ``state`` (detached without ``create_graph``).
         """
         loss_fn, params = self.inner_objective(meta, state, task)
         grads, loss = grad_and_value_fn(grad_fn)(loss_fn, params, create_graph)
         if create_graph:
+            return Adapted(self._update(meta, state, params, grads, lr_scale), dict(state.extras), state.step + 1, loss)
+        with torch.no_grad():
             new = self._update(meta, state, params, grads, lr_scale)
-        else:
-            with torch.no_grad():
-                new = self._update(meta, state, params, grads, lr_scale)
-        return Adapted(new, dict(state.extras), state.step + 1, loss)
+        return Adapted(_detached(new), _detached(state.extras), state.step + 1, loss)
 
     def adapt(self, meta: MetaState, task: TaskTensors, steps: int | None = None, *,
               create_graph: bool = False, grad_fn: GradFn = autograd_grad) -> Adapted:
@@ -490,6 +489,11 @@ class Algorithm:
 
         losses = torch.func.vmap(one)(stack("support_x"), stack("support_y"), stack("query_x"), stack("query_y"))
         return losses.mean()
+
+
+def _detached(d: Mapping) -> dict:
+    """``d`` with its tensors detached (a no-op for those without grad)."""
+    return {k: v.detach() if isinstance(v, Tensor) and v.requires_grad else v for k, v in d.items()}
 
 
 def _grad(loss: Tensor, inputs: list[Tensor]) -> list[Tensor]:
