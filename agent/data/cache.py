@@ -83,6 +83,7 @@ def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compress
     try:
         with os.fdopen(fd, "wb") as f:
             (np.savez_compressed if compress else np.savez)(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like any data file
         os.replace(tmp, path)  # atomic on POSIX within one file system
     except BaseException:
         try:
