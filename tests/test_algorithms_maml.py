@@ -354,3 +354,24 @@ def test_conv_group_norm_vmap_equals_loop():
     tasks = _conv_tasks(3)
     assert alg.can_vmap(tasks)
     assert_grads_close(alg.meta_gradient(meta, tasks, use_vmap=True)[1], alg.meta_gradient(meta, tasks, use_vmap=False)[1])
+
+
+def test_functional_model_matches_functional_call_and_restores():
+    from agent.algorithms.base import FunctionalModel
+
+    model = _conv_model("frozen")
+    params, buffers = model.init_state(gen(3), DT)
+    g = gen(4)
+    state = {k: v + 0.1 * torch.rand(v.shape, generator=g, dtype=DT) for k, v in {**params, **buffers}.items()}
+    originals = {k: v for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}
+    fm = FunctionalModel.of(model)
+    assert FunctionalModel.of(model) is fm
+    x = torch.randn(4, 1, 16, 16, generator=g, dtype=DT)
+    want = torch.func.functional_call(model, state, (x,), {"step": 0})
+    torch.testing.assert_close(fm(state, model, x, 0), want, rtol=0, atol=0)
+    feats = fm(state, model.features, x, 0)
+    torch.testing.assert_close(torch.nn.functional.linear(feats, state["head.weight"], state["head.bias"]), want, rtol=0, atol=0)
+    with pytest.raises(KeyError):
+        fm({**state, "nope.weight": torch.zeros(1)}, model, x, 0)
+    now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert all(now[k] is v for k, v in originals.items())

@@ -126,9 +126,9 @@ class FunctionalModel:
     Same results as ``torch.func.functional_call(module, state, args, strict=False)``, and safe
     under ``torch.func.grad``/``vmap``, at about half the cost for small models: the slot of
     every parameter and buffer (``module._parameters``/``_buffers`` of its owner) is looked up
-    once, and each call writes the tensors there and restores the originals afterwards. Keys
-    that are not slots of the module fall back to ``functional_call``. Like ``functional_call``
-    it is not thread-safe for concurrent calls on one module.
+    once (so build it after the module is complete), and each call writes the tensors there and
+    restores the originals afterwards. Like ``functional_call`` it is not thread-safe for
+    concurrent calls on one module.
 
     Examples
     --------
@@ -166,7 +166,8 @@ class FunctionalModel:
     def __call__(self, state: Mapping[str, Tensor], target: nn.Module, *args, **kwargs):
         """Run ``target`` (the module or one of its submodules) with ``state`` swapped in.
 
-        ``state`` is keyed by names relative to the module given at construction.
+        ``state`` is keyed by names relative to the module given at construction; a name that
+        is not a parameter or buffer there raises ``KeyError``.
         """
         slots = self.slots
         saved = []
@@ -174,24 +175,14 @@ class FunctionalModel:
             for name, tensor in state.items():
                 slot = slots.get(name)
                 if slot is None:
-                    break
+                    raise KeyError(f"{name!r} is not a parameter or buffer of {type(self.module).__name__}")
                 d, leaf = slot
                 saved.append((d, leaf, d[leaf]))
                 d[leaf] = tensor
-            else:
-                return target(*args, **kwargs)
+            return target(*args, **kwargs)
         finally:
             for d, leaf, old in reversed(saved):
                 d[leaf] = old
-        # an unknown key: the general (slower) path
-        return _general_call(self.module, target, state, args, kwargs)
-
-
-def _general_call(module: nn.Module, target: nn.Module, state: Mapping[str, Tensor], args, kwargs):
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    with _reparametrize_module(module, dict(state)):
-        return target(*args, **kwargs)
 
 
 # -- inner-loop gradients ---------------------------------------------------------------------
@@ -460,15 +451,12 @@ class Algorithm:
                 total = loss.detach()
                 grads = _grad(loss, inputs)
             else:
-                grads, total = None, None
+                grads, total, scale = None, None, 1.0 / len(tasks)
                 for task in tasks:
-                    loss = self.meta_loss(meta, task, progress=progress)
+                    loss = self.meta_loss(meta, task, progress=progress) * scale
                     g = _grad(loss, inputs)
                     grads = g if grads is None else [a + b for a, b in zip(grads, g)]
                     total = loss.detach() if total is None else total + loss.detach()
-                scale = 1.0 / len(tasks)
-                grads = [g * scale for g in grads]
-                total = total * scale
         return float(total), dict(zip(names, grads))
 
     def can_vmap(self, tasks: Sequence[TaskTensors]) -> bool:
