@@ -1,0 +1,308 @@
+"""Episodic memory: task embeddings, k-NN, eviction, persistence."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from agent.algorithms.base import TaskTensors
+from agent.algorithms.maml import MAML
+from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
+from agent.nn.mlp import MLPFeatures
+from agent.nn.model import MetaModel
+
+
+def random_bank(n, dim, capacity=None, eviction="reservoir", seed=0):
+    rng = np.random.default_rng(seed)
+    bank = MemoryBank(capacity or n, dim, eviction, rng=np.random.default_rng(seed + 1))
+    for i in range(n):
+        bank.add(MemoryEntry(f"t{i}", rng.standard_normal(dim), {"w": rng.standard_normal(3).astype(np.float32)},
+                             algorithm="maml", budget={"steps": 1, "members": 1}, timestamp=float(i),
+                             annotations={"family": "sine"}))
+    return bank
+
+
+def brute_force(bank, q, k):
+    e = np.array([x.embedding for x in bank], dtype=np.float64)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    s = e @ (q / np.linalg.norm(q))
+    order = np.argsort(-s)[:k]
+    return [list(bank)[i].task_id for i in order], s[order]
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eviction", ["reservoir", "diversity"])
+def test_knn_equals_brute_force(eviction):
+    bank = random_bank(400, 24, capacity=300, eviction=eviction)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        q = rng.standard_normal(24)
+        for k in (1, 7, 300, 1000):
+            got = bank.query(q, k)
+            ids, sims = brute_force(bank, q, k)
+            assert [e.task_id for e, _ in got] == ids
+            assert np.allclose([s for _, s in got], sims, atol=1e-5)
+            assert all(a >= b for (_, a), (_, b) in zip(got, got[1:]))
+
+
+def test_query_edge_cases():
+    bank = MemoryBank(4, 3)
+    assert bank.query(np.ones(3), 5) == []
+    bank.add(MemoryEntry("a", np.array([1.0, 0, 0])))
+    assert bank.query(np.ones(3), 0) == []
+    ((e, s),) = bank.query(np.array([2.0, 0, 0]), 3)
+    assert e.task_id == "a" and s == pytest.approx(1.0)
+    for bad in [np.ones(4), np.zeros(3), np.array([np.nan, 1, 1])]:
+        with pytest.raises(ValueError):
+            bank.query(bad, 1)
+        with pytest.raises(ValueError):
+            bank.add(MemoryEntry("b", bad))
+    with pytest.raises(ValueError):
+        MemoryBank(4, 3, eviction="lru")
+
+
+def test_entries_store_normalised_arrays_and_updates():
+    bank = MemoryBank(3, 2)
+    e = MemoryEntry("a", np.array([3.0, 4.0]), {"head": torch.ones(2, requires_grad=True), "proto": [[1, 2]]})
+    assert bank.add(e) is None
+    assert isinstance(e.state["head"], np.ndarray) and e.state["proto"].shape == (1, 2)
+    assert np.allclose(e.embedding, [0.6, 0.8]) and e.embedding.dtype == np.float32 and e.seq == 0
+    with pytest.raises(ValueError):
+        e.embedding[0] = 1.0  # a read-only view of the bank's matrix
+    assert bank.update_outcome("a", quality=0.9, failed=False) and bank.get("a").quality == 0.9
+    assert not bank.update_outcome("zzz", quality=1.0)
+    replaced = bank.add(MemoryEntry("a", np.array([0.0, 1.0])))  # same id: replaced in place
+    assert replaced is e and len(bank) == 1 and bank.get("a").seq == 1
+    assert np.allclose(e.embedding, [0.6, 0.8])  # the old entry keeps its own copy
+    assert "a" in bank
+    assert bank.get("a").state_tensors() == {}
+    assert e.state_tensors(torch.float64)["head"].dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# Eviction
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eviction", ["reservoir", "diversity"])
+def test_capacity_never_exceeded_and_bookkeeping_consistent(eviction):
+    rng = np.random.default_rng(0)
+    bank = MemoryBank(17, 8, eviction, rng=np.random.default_rng(1))
+    for i in range(300):
+        v = rng.standard_normal(8)
+        if i % 7 == 0 and i:  # some near-duplicates and some exact re-adds of an id
+            v = list(bank)[i % len(bank)].embedding + 1e-3 * rng.standard_normal(8)
+        bank.add(MemoryEntry(f"t{i % 250}", v))
+        assert len(bank) <= 17
+        assert bank.embeddings.shape == (len(bank), 8)
+        assert {e.task_id for e in bank} == set(bank._slot)
+        assert all(bank._entries[s].task_id == t for t, s in bank._slot.items())
+    assert len(bank) == 17
+    if eviction == "diversity":  # the incrementally kept nearest neighbours match a recomputation
+        e = bank.embeddings.astype(np.float64)
+        s = e @ e.T
+        np.fill_diagonal(s, -np.inf)
+        assert np.allclose(bank._nn_sim[:17], s.max(1), atol=1e-5)
+        assert np.allclose(s[np.arange(17), bank._nn_idx[:17]], s.max(1), atol=1e-5)
+
+
+def test_reservoir_inclusion_is_uniform():
+    """Algorithm R keeps every one of n items with probability capacity / n."""
+    runs, n, cap = 2000, 20, 5
+    master = np.random.default_rng(12345)
+    counts = np.zeros(n)
+    onehots = np.eye(n)
+    for _ in range(runs):
+        bank = MemoryBank(cap, n, "reservoir", rng=np.random.default_rng(master.integers(2**63)))
+        for i in range(n):
+            bank.add(MemoryEntry(str(i), onehots[i]))
+        for e in bank:
+            counts[int(e.task_id)] += 1
+    assert counts.sum() == runs * cap
+    expected = np.full(n, runs * cap / n)
+    assert stats.chisquare(counts, expected).pvalue > 1e-3
+    # A biased policy (always replace the newest slot) fails the same test: it has power.
+    biased = np.zeros(n)
+    biased[: cap - 1] = runs
+    biased[cap - 1:] = runs / (n - cap + 1)
+    assert stats.chisquare(biased, expected).pvalue < 1e-6
+
+
+def test_reservoir_is_reproducible_with_a_seed():
+    a = random_bank(100, 4, capacity=10, seed=3)
+    b = random_bank(100, 4, capacity=10, seed=3)
+    assert [e.task_id for e in a] == [e.task_id for e in b]
+    assert a.seen == 100
+
+
+def test_diversity_evicts_a_duplicate_before_a_distinct_entry():
+    bank = MemoryBank(3, 3, "diversity")
+    bank.add(MemoryEntry("x", np.array([1.0, 0, 0])))
+    bank.add(MemoryEntry("y", np.array([0, 1.0, 0])))
+    bank.add(MemoryEntry("y-dup", np.array([0, 1.0, 0.02])))
+    evicted = bank.add(MemoryEntry("z", np.array([0, 0, 1.0])))
+    assert evicted.task_id == "y" and sorted(e.task_id for e in bank) == ["x", "y-dup", "z"]
+    # A new near-duplicate replaces its older twin rather than pushing out a distinct entry.
+    evicted = bank.add(MemoryEntry("x-dup", np.array([1.0, 0.01, 0])))
+    assert evicted.task_id == "x" and sorted(e.task_id for e in bank) == ["x-dup", "y-dup", "z"]
+
+
+def test_diversity_keeps_rare_tasks_that_reservoir_loses():
+    rng = np.random.default_rng(0)
+    common, rare = np.array([1.0, 0, 0, 0]), np.array([0, 0, 0, 1.0])
+    stream = [("rare", rare)] + [(f"c{i}", common + 0.05 * rng.standard_normal(4)) for i in range(200)]
+    kept = {}
+    for eviction in ("reservoir", "diversity"):
+        bank = MemoryBank(10, 4, eviction, rng=np.random.default_rng(1))
+        for tid, v in stream:
+            bank.add(MemoryEntry(tid, v))
+        kept[eviction] = "rare" in bank
+    assert kept == {"reservoir": False, "diversity": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistence
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eviction", ["reservoir", "diversity"])
+def test_state_dict_round_trip(eviction, tmp_path):
+    bank = random_bank(60, 16, capacity=40, eviction=eviction)
+    bank.update_outcome(list(bank)[0].task_id, quality=0.5, failed=True)
+    state = bank.state_dict()
+    json.dumps(state["meta"])
+    assert all(isinstance(v, np.ndarray) for v in state["arrays"].values())
+    path = tmp_path / "memory.npz"
+    bank.save(path)
+    for clone in (MemoryBank.from_state_dict(state), MemoryBank.load(path)):
+        assert len(clone) == len(bank) and clone.seen == bank.seen and clone.nbytes == bank.nbytes
+        rng = np.random.default_rng(9)
+        for _ in range(10):
+            q = rng.standard_normal(16)
+            a, b = bank.query(q, 5), clone.query(q, 5)
+            assert [e.task_id for e, _ in a] == [e.task_id for e, _ in b]
+            assert [s for _, s in a] == [s for _, s in b]
+        e0, c0 = list(bank)[0], list(clone)[0]
+        assert (c0.quality, c0.failed, c0.annotations, c0.budget) == (0.5, True, {"family": "sine"}, e0.budget)
+        assert np.array_equal(c0.state["w"], e0.state["w"]) and c0.state["w"].dtype == np.float32
+    # Evictions continue identically (the rng state travels with the bank).
+    clone = MemoryBank.load(path)
+    rng = np.random.default_rng(10)
+    for i in range(50):
+        v = rng.standard_normal(16)
+        x, y = bank.add(MemoryEntry(f"n{i}", v)), clone.add(MemoryEntry(f"n{i}", v))
+        assert (x and x.task_id) == (y and y.task_id)
+    assert [e.task_id for e in bank] == [e.task_id for e in clone]
+
+
+def test_persistence_rejects_bad_input(tmp_path):
+    bank = MemoryBank(2, 2)
+    bank.add(MemoryEntry("a", np.ones(2), annotations={"obj": object()}))
+    with pytest.raises(TypeError):
+        bank.state_dict()
+    with pytest.raises(TypeError):
+        bank.add(MemoryEntry("b", np.ones(2), {"bad": np.array([object()])}))
+    good = MemoryBank(2, 2)
+    good.add(MemoryEntry("a", np.ones(2)))
+    state = good.state_dict()
+    state["meta"]["format"] = 99
+    with pytest.raises(ValueError):
+        MemoryBank.from_state_dict(state)
+
+
+def test_nbytes_counts_matrix_and_states():
+    bank = MemoryBank(100, 32)
+    base = bank.nbytes
+    assert base >= 100 * 32 * 4
+    bank.add(MemoryEntry("a", np.ones(32), {"w": np.zeros(1000, np.float32)}))
+    assert bank.nbytes == base + 4000
+
+
+# ---------------------------------------------------------------------------------------------
+# Task embeddings
+# ---------------------------------------------------------------------------------------------
+def _model():
+    """A 1-40-40 ReLU net whose kinks are spread over [-5, 5]. (With the zero biases of a fresh
+    init every feature is a mix of relu(x) and relu(-x), which describes no function; a
+    meta-trained backbone has useful biases, random ones stand in for them here.)"""
+    maml = MAML(MetaModel(MLPFeatures(1, (40, 40)), 40, 1))
+    meta = maml.init_meta(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5)
+    w0 = meta["params.features.layers.0.weight"].detach()[:, 0].abs()
+    meta["params.features.layers.0.bias"] = ((2 * torch.rand(40, generator=g) - 1) * 5 * w0).requires_grad_()
+    meta["params.features.layers.1.bias"] = ((2 * torch.rand(40, generator=g) - 1) * 0.5).requires_grad_()
+    return maml, meta
+
+
+def _regression(fn, g, k=10):
+    x = 10 * torch.rand(k, 1, generator=g) - 5
+    return TaskTensors(x, fn(x), x, None, "regression")
+
+
+def test_embedding_shape_norm_and_determinism():
+    maml, meta = _model()
+    task = _regression(torch.sin, torch.Generator().manual_seed(0))
+    e = task_embedding(maml, meta, task)
+    assert e.shape == (85,) and e.dtype == np.float32 and np.linalg.norm(e) == pytest.approx(1.0, abs=1e-6)
+    assert np.array_equal(e, task_embedding(maml.model, meta, task))  # algorithm or model
+    p = random_projection(85, 16, seed=1)
+    ep = task_embedding(maml, meta, task, projection=p)
+    assert ep.shape == (16,) and np.linalg.norm(ep) == pytest.approx(1.0, abs=1e-6)
+    assert np.array_equal(p, random_projection(85, 16, seed=1))
+    flat = TaskTensors(task.support_x, torch.zeros(10, 1), task.query_x, None, "regression")
+    assert np.isfinite(task_embedding(maml, meta, flat)).all()  # constant targets: no NaN
+
+
+def test_embedding_same_family_closer_than_different_family():
+    maml, meta = _model()
+    g = torch.Generator().manual_seed(1)
+    sine_a = _regression(lambda x: 2.0 * torch.sin(x - 0.3), g)
+    sine_b = _regression(lambda x: 2.5 * torch.sin(x - 0.5), g)
+    quad = _regression(lambda x: 0.2 * x**2 - 1.0, g)
+    line = _regression(lambda x: 0.5 * x + 1.0, g)
+    ea, eb, eq, el = (task_embedding(maml, meta, t) for t in (sine_a, sine_b, quad, line))
+    assert ea @ eb > max(ea @ eq, ea @ el, eb @ eq, eb @ el)
+    # Classification: two tasks over the same classes are closer than a task over other classes.
+    model = MetaModel(MLPFeatures(2, (32,)), 32, 3)
+    params, _ = model.init_state(torch.Generator().manual_seed(0))
+
+    def blobs(centres, seed):
+        gg = torch.Generator().manual_seed(seed)
+        y = torch.arange(3).repeat_interleave(5)
+        return TaskTensors(centres[y] + 0.2 * torch.randn(15, 2, generator=gg), y, torch.zeros(1, 2), None)
+
+    here = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]])
+    there = torch.tensor([[5.0, 5.0], [5.0, 7.0], [7.0, 5.0]])
+    c1, c2, c3 = (task_embedding(model, params, blobs(c, s)) for c, s in ((here, 0), (here, 1), (there, 2)))
+    assert c1 @ c2 > c1 @ c3 and c1.shape == (69,)
+    assert math.isfinite(float(c1 @ c2))
+
+
+def test_embedding_ignores_family_annotation_and_works_in_bank():
+    maml, meta = _model()
+    g = torch.Generator().manual_seed(2)
+    bank = MemoryBank(10, 85, "diversity")
+    for i, fn in enumerate([torch.sin, torch.cos, lambda x: 0.3 * x]):
+        t = _regression(fn, g)
+        bank.add(MemoryEntry(f"t{i}", task_embedding(maml, meta, t), annotations={"family": "whatever"}))
+    probe = task_embedding(maml, meta, _regression(lambda x: 1.1 * torch.sin(x), g))
+    assert bank.query(probe, 1)[0][0].task_id == "t0"
+
+
+def test_embedding_ranks_same_family_first_on_most_random_draws():
+    maml, meta = _model()
+    g = torch.Generator().manual_seed(3)
+
+    def draw(family):
+        u = torch.rand(2, generator=g)
+        fn = {"sine": lambda x: (1 + 2 * u[0]) * torch.sin(x - 0.5 * u[1]),
+              "line": lambda x: (2 * u[0] - 1) * x + u[1],
+              "quad": lambda x: (0.1 + 0.2 * u[0]) * x**2 - 1}[family]
+        return task_embedding(maml, meta, _regression(fn, g))
+
+    n, wins = 60, 0
+    for i in range(n):
+        a, b, other = draw("sine"), draw("sine"), draw(("line", "quad")[i % 2])
+        wins += a @ b > a @ other
+    assert wins >= 0.9 * n, wins
