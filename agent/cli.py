@@ -140,7 +140,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from agent import checkpoint as ckpt
     from agent.evaluation import EpisodeProgress, evaluate, write_results
-    from agent.training import DTYPES, build_setup, load_meta, make_family
+    from agent.training import DTYPES, build_setup, load_meta, make_family, torch_threads
 
     found = ckpt.resolve(args.checkpoint)
     stored = found.load("state.json").get("config") if "state.json" in found else None
@@ -155,9 +155,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     family = make_family(cfg, ec.split)
     setup = build_setup(cfg, families={"train": family, "val": family})
     meta = load_meta(found, setup.algorithm, DTYPES[cfg.train.dtype])
-    result = evaluate(setup.algorithm, meta, family, episodes=ec.episodes, steps=list(ec.steps) if ec.steps else None,
-                      seed=ec.seed, confidence=ec.confidence,
-                      on_episode=EpisodeProgress(ec.episodes, enabled=_progress_flag(args)))
+    with torch_threads(cfg.train.threads):
+        result = evaluate(setup.algorithm, meta, family, episodes=ec.episodes,
+                          steps=list(ec.steps) if ec.steps else None, seed=ec.seed, confidence=ec.confidence,
+                          on_episode=EpisodeProgress(ec.episodes, enabled=_progress_flag(args)))
     run_dir = found.path.parent.parent if found.path.parent.name == "checkpoints" else found.path.parent
     out = Path(args.out) if args.out else run_dir / f"eval-{ec.split}-{found.step:06d}"
     info = {"checkpoint": str(found.path), "step": found.step, "family": cfg.data.family, "split": ec.split,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from agent.algorithms.base import CLASSIFICATION, Algorithm, MetaState, TaskTensors, task_loss
+from agent.stats import mean_ci
 
 __all__ = ["Interval", "EvalResult", "mean_t_interval", "score_task", "summarise", "evaluate", "write_results",
            "episode_rng"]
@@ -69,7 +69,8 @@ class Interval:
 def mean_t_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:
     """Mean of ``values`` with the exact Student-t interval ``mean ± t_{(1+c)/2, n-1} · s / √n``.
 
-    With one value the interval is infinite; with none, everything is NaN.
+    Uses :func:`agent.stats.mean_ci`. With one value the interval is infinite; with none,
+    everything is NaN; with a non-finite value the mean is non-finite and the bounds NaN.
 
     Examples
     --------
@@ -77,8 +78,6 @@ def mean_t_interval(values: Iterable[float], confidence: float = 0.95) -> Interv
     >>> round(iv.mean, 3), round(iv.half_width, 3)
     (2.5, 2.054)
     """
-    from scipy import stats
-
     x = np.asarray(list(values), dtype=np.float64)
     n = int(x.size)
     if not 0.0 < confidence < 1.0:
@@ -86,12 +85,12 @@ def mean_t_interval(values: Iterable[float], confidence: float = 0.95) -> Interv
     if n == 0:
         nan = float("nan")
         return Interval(nan, nan, nan, nan, nan, 0, confidence)
+    if np.isfinite(x).all():
+        r = mean_ci(x, confidence)
+        return Interval(r.mean, r.low, r.high, r.half_width, r.std, r.n, confidence)
+    # a diverged episode (inf/NaN loss) makes the mean non-finite: report that honestly
     mean = float(x.mean())
-    if n == 1:
-        return Interval(mean, -math.inf, math.inf, math.inf, float("nan"), 1, confidence)
-    std = float(x.std(ddof=1))
-    half = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1) * std / math.sqrt(n))
-    return Interval(mean, mean - half, mean + half, half, std, n, confidence)
+    return Interval(mean, float("nan"), float("nan"), float("nan"), float("nan"), n, confidence)
 
 
 def episode_rng(seed: int, index: int, stream: int = 0) -> np.random.Generator:

@@ -31,6 +31,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -53,7 +54,7 @@ from agent.config import Config, ConfigError
 from agent.evaluation import score_task
 
 __all__ = ["TrainingError", "Setup", "StepOutcome", "TrainResult", "build_setup", "make_family", "sample_batch",
-           "apply_meta_gradient", "validate", "meta_train", "load_meta"]
+           "apply_meta_gradient", "validate", "meta_train", "load_meta", "torch_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -353,106 +354,121 @@ def meta_train(config: Config, out_dir: str | Path, *, resume: bool = True, prog
     on_step
         Called after every outer step with ``(step, outcome)``.
     """
+    with torch_threads(config.train.threads):
+        return _meta_train(config, Path(out_dir), resume=resume, progress=progress, log_every=log_every, families=families,
+                           max_steps=max_steps, on_step=on_step)
+
+
+def _meta_train(config, out, *, resume, progress, log_every, families, max_steps, on_step) -> TrainResult:
     tc = config.train
-    out = Path(out_dir)
     ckpt_root = out / "checkpoints"
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(tc.threads)
-    try:
-        setup = build_setup(config, families=families)
-        algorithm = setup.algorithm
-        meta = init_meta(setup)
-        names = algorithm.trainable(meta)
-        if not names:
-            raise ConfigError("algorithm", f"{config.algorithm.name!r} has nothing to meta-train")
+    setup = build_setup(config, families=families)
+    algorithm = setup.algorithm
+    meta = init_meta(setup)
+    names = algorithm.trainable(meta)
+    if not names:
+        raise ConfigError("algorithm", f"{config.algorithm.name!r} has nothing to meta-train")
+    optimizer = make_optimizer(config, [meta[n] for n in names])
+    step, skipped, bad_run, history, acc = 0, 0, 0, [], [0.0, 0]
+    previous_seconds = 0.0
+
+    found = ckpt.latest_good(ckpt_root) if resume else None
+    if found is not None:
+        state = found.load("state.json")
+        _check_resumable(config, state.get("config", {}), found.path)
+        meta = load_meta(found, algorithm)
         optimizer = make_optimizer(config, [meta[n] for n in names])
-        step, skipped, bad_run, history, acc = 0, 0, 0, [], [0.0, 0]
-        previous_seconds = 0.0
+        optimizer.load_state_dict(found.load("optimizer.pt"))
+        step, skipped, bad_run = state["step"], state["skipped"], state["bad_run"]
+        history, acc, previous_seconds = state["history"], state["loss_acc"], state["seconds"]
+        log.info("resuming %s from step %d", out, step)
 
-        found = ckpt.latest_good(ckpt_root) if resume else None
-        if found is not None:
-            state = found.load("state.json")
-            _check_resumable(config, state.get("config", {}), found.path)
-            meta = load_meta(found, algorithm)
-            optimizer = make_optimizer(config, [meta[n] for n in names])
-            optimizer.load_state_dict(found.load("optimizer.pt"))
-            step, skipped, bad_run = state["step"], state["skipped"], state["bad_run"]
-            history, acc, previous_seconds = state["history"], state["loss_acc"], state["seconds"]
-            log.info("resuming %s from step %d", out, step)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(config.to_yaml())
+    with open(out / "metrics.jsonl", "w") as f:  # the history up to the resumed step
+        f.writelines(json.dumps(r) + "\n" for r in history)
 
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config.to_yaml())
-        with open(out / "metrics.jsonl", "w") as f:  # the history up to the resumed step
-            f.writelines(json.dumps(r) + "\n" for r in history)
+    val_tasks = validation_tasks(setup.families["val"], tc.seed, tc.val_tasks, setup.dtype)
 
-        val_tasks = validation_tasks(setup.families["val"], tc.seed, tc.val_tasks, setup.dtype)
+    def record(at: int) -> dict[str, Any]:
+        row = {"step": at, **validate(algorithm, meta, val_tasks),
+               "train_loss": acc[0] / acc[1] if acc[1] else None, "skipped": skipped,
+               "seconds": round(previous_seconds + time.perf_counter() - t0, 3)}
+        acc[0], acc[1] = 0.0, 0
+        history.append(row)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
 
-        def record(at: int) -> dict[str, Any]:
-            row = {"step": at, **validate(algorithm, meta, val_tasks),
-                   "train_loss": acc[0] / acc[1] if acc[1] else None, "skipped": skipped,
-                   "seconds": round(previous_seconds + time.perf_counter() - t0, 3)}
-            acc[0], acc[1] = 0.0, 0
-            history.append(row)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            return row
+    def save(at: int) -> Path:
+        state = {"step": at, "skipped": skipped, "bad_run": bad_run, "history": history, "loss_acc": acc,
+                 "seconds": previous_seconds + time.perf_counter() - t0, "trainable": names,
+                 "config": config.to_dict(), "algorithm": repr(algorithm)}
+        return ckpt.save(ckpt_root, at, _meta_files(meta, optimizer, state), keep=tc.keep_checkpoints,
+                         meta={"kind": "meta-train", "step": at})
 
-        def save(at: int) -> Path:
-            state = {"step": at, "skipped": skipped, "bad_run": bad_run, "history": history, "loss_acc": acc,
-                     "seconds": previous_seconds + time.perf_counter() - t0, "trainable": names,
-                     "config": config.to_dict(), "algorithm": repr(algorithm)}
-            return ckpt.save(ckpt_root, at, _meta_files(meta, optimizer, state), keep=tc.keep_checkpoints,
-                             meta={"kind": "meta-train", "step": at})
+    t0 = time.perf_counter()
+    display = _Display(tc.steps, _isatty(sys.stderr) if progress is None else progress,
+                       tc.log_every if log_every is None else log_every)
+    if step == 0 and not history:
+        record(0)
+    last_ckpt: Path | None = found.path if found is not None else None
+    start_step, reason = step, "done"
+    with _Signals() as sigs:
+        while step < tc.steps:
+            if sigs.received is not None:
+                reason = "signal"
+                break
+            if tc.time_limit_s is not None and time.perf_counter() - t0 >= tc.time_limit_s:
+                reason = "time_limit"
+                break
+            if max_steps is not None and step - start_step >= max_steps:
+                reason = "max_steps"
+                break
+            tasks = sample_batch(setup.families["train"], tc.seed, step, tc.meta_batch, setup.dtype)
+            outcome = apply_meta_gradient(algorithm, meta, optimizer, tasks, progress=step / max(tc.steps, 1),
+                                          grad_clip=tc.grad_clip, use_vmap=tc.use_vmap)
+            step += 1
+            if outcome.applied:
+                bad_run = 0
+                acc[0] += outcome.loss
+                acc[1] += 1
+            else:
+                skipped += 1
+                bad_run += 1
+                log.warning("step %d: non-finite meta-gradient or update (loss %s); step skipped", step, outcome.loss)
+                if bad_run >= tc.max_bad_steps:
+                    raise TrainingError(f"{bad_run} consecutive non-finite steps at step {step}; "
+                                        "lower train.outer_lr or algorithm.inner_lr, or set train.grad_clip")
+            val = record(step) if (tc.val_every and step % tc.val_every == 0) or step == tc.steps else None
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != tc.steps:
+                last_ckpt = save(step)
+            display.update(step, outcome.loss, val or (history[-1] if history else None))
+            if on_step is not None:
+                on_step(step, outcome)
+    display.close()
+    if step != start_step or last_ckpt is None:
+        last_ckpt = save(step)
+    seconds = time.perf_counter() - t0
+    if reason != "done":
+        log.info("stopped at step %d/%d (%s); checkpoint %s", step, tc.steps, reason, last_ckpt)
+    return TrainResult(step, reason, history, skipped, seconds, (step - start_step) / max(seconds, 1e-9),
+                       last_ckpt, meta, algorithm)
 
-        t0 = time.perf_counter()
-        display = _Display(tc.steps, _isatty(sys.stderr) if progress is None else progress,
-                           tc.log_every if log_every is None else log_every)
-        if step == 0 and not history:
-            record(0)
-        last_ckpt: Path | None = found.path if found is not None else None
-        start_step, reason = step, "done"
-        with _Signals() as sigs:
-            while step < tc.steps:
-                if sigs.received is not None:
-                    reason = "signal"
-                    break
-                if tc.time_limit_s is not None and time.perf_counter() - t0 >= tc.time_limit_s:
-                    reason = "time_limit"
-                    break
-                if max_steps is not None and step - start_step >= max_steps:
-                    reason = "max_steps"
-                    break
-                tasks = sample_batch(setup.families["train"], tc.seed, step, tc.meta_batch, setup.dtype)
-                outcome = apply_meta_gradient(algorithm, meta, optimizer, tasks, progress=step / max(tc.steps, 1),
-                                              grad_clip=tc.grad_clip, use_vmap=tc.use_vmap)
-                step += 1
-                if outcome.applied:
-                    bad_run = 0
-                    acc[0] += outcome.loss
-                    acc[1] += 1
-                else:
-                    skipped += 1
-                    bad_run += 1
-                    log.warning("step %d: non-finite meta-gradient or update (loss %s); step skipped", step, outcome.loss)
-                    if bad_run >= tc.max_bad_steps:
-                        raise TrainingError(f"{bad_run} consecutive non-finite steps at step {step}; "
-                                            "lower train.outer_lr or algorithm.inner_lr, or set train.grad_clip")
-                val = record(step) if (tc.val_every and step % tc.val_every == 0) or step == tc.steps else None
-                if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != tc.steps:
-                    last_ckpt = save(step)
-                display.update(step, outcome.loss, val or (history[-1] if history else None))
-                if on_step is not None:
-                    on_step(step, outcome)
-        display.close()
-        if step != start_step or last_ckpt is None:
-            last_ckpt = save(step)
-        seconds = time.perf_counter() - t0
-        if reason != "done":
-            log.info("stopped at step %d/%d (%s); checkpoint %s", step, tc.steps, reason, last_ckpt)
-        return TrainResult(step, reason, history, skipped, seconds, (step - start_step) / max(seconds, 1e-9),
-                           last_ckpt, meta, algorithm)
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Use ``n`` intra-op threads inside the block, then restore the previous setting.
+
+    Small models run fastest on one thread; more threads on a busy machine can make them tens of
+    times slower (spinning workers).
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
     finally:
-        torch.set_num_threads(old_threads)
+        torch.set_num_threads(old)
 
 
 def _isatty(stream) -> bool:

@@ -162,6 +162,8 @@ def test_mean_t_interval_matches_scipy():
     low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
     assert iv.low == pytest.approx(low, rel=1e-12) and iv.high == pytest.approx(high, rel=1e-12)
     assert mean_t_interval([1.0]).half_width == math.inf and mean_t_interval([]).n == 0
+    diverged = mean_t_interval([1.0, math.inf])
+    assert diverged.mean == math.inf and math.isnan(diverged.low)
 
 
 def test_eval_scores_before_and_after_and_writes_files(tmp_path):
