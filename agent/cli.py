@@ -139,8 +139,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 @command("eval", "evaluate a checkpoint on few-shot episodes", _eval_args)
 def cmd_eval(args: argparse.Namespace) -> int:
     from agent import checkpoint as ckpt
-    from agent.evaluation import EpisodeProgress, evaluate, write_results
-    from agent.training import DTYPES, build_setup, load_meta, make_family, torch_threads
+    from agent.evaluation import evaluate_checkpoint
 
     found = ckpt.resolve(args.checkpoint)
     stored = found.load("state.json").get("config") if "state.json" in found else None
@@ -151,20 +150,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"eval.steps={list(args.steps)}")
     cfg = _load_config(args.config, overrides, fallback=stored)
-    ec = cfg.eval
-    family = make_family(cfg, ec.split)
-    setup = build_setup(cfg, families={"train": family, "val": family})
-    meta = load_meta(found, setup.algorithm, DTYPES[cfg.train.dtype])
-    with torch_threads(cfg.train.threads):
-        result = evaluate(setup.algorithm, meta, family, episodes=ec.episodes,
-                          steps=list(ec.steps) if ec.steps else None, seed=ec.seed, confidence=ec.confidence,
-                          on_episode=EpisodeProgress(ec.episodes, enabled=_progress_flag(args)))
-    run_dir = found.path.parent.parent if found.path.parent.name == "checkpoints" else found.path.parent
-    out = Path(args.out) if args.out else run_dir / f"eval-{ec.split}-{found.step:06d}"
-    info = {"checkpoint": str(found.path), "step": found.step, "family": cfg.data.family, "split": ec.split,
-            "algorithm": cfg.algorithm.name, "seed": ec.seed}
-    paths = write_results(result, out, info=info)
-    print(f"{cfg.algorithm.name} on {cfg.data.family}/{ec.split}, {len(result.rows)} episodes, checkpoint step {found.step}:")
+    result, paths = evaluate_checkpoint(found, cfg, out_dir=args.out, progress=_progress_flag(args))
+    print(f"{cfg.algorithm.name} on {cfg.data.family}/{cfg.eval.split}, {len(result.rows)} episodes, "
+          f"checkpoint step {found.step}:")
     print(result.headline())
     print(f"results: {paths['jsonl']} {paths['csv']} {paths['summary']}")
     return EXIT_OK

@@ -7,7 +7,8 @@ of inner steps (``0`` is the meta-learned initialisation, "before adaptation"): 
 accuracy for classification or mean squared error for regression.
 
 The functional core (:func:`score_task`, :func:`mean_t_interval`, :func:`summarise`) is pure;
-:func:`evaluate` runs episodes and :func:`write_results` writes files.
+:func:`evaluate` runs episodes, :func:`write_results` writes files and :func:`evaluate_checkpoint`
+does both for a training checkpoint.
 
 Examples
 --------
@@ -46,8 +47,8 @@ import torch
 from agent.algorithms.base import CLASSIFICATION, Algorithm, MetaState, TaskTensors, task_loss
 from agent.stats import mean_ci
 
-__all__ = ["Interval", "EvalResult", "mean_t_interval", "score_task", "summarise", "evaluate", "write_results",
-           "episode_rng"]
+__all__ = ["Interval", "EvalResult", "mean_t_interval", "score_task", "summarise", "evaluate", "evaluate_checkpoint",
+           "write_results", "episode_rng"]
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,46 @@ def write_results(result: EvalResult, out_dir: str | Path, *, info: Mapping[str,
     summary.update(info or {})
     paths["summary"].write_text(json.dumps(summary, indent=1, allow_nan=True) + "\n")
     return paths
+
+
+def evaluate_checkpoint(checkpoint, config=None, *, out_dir: str | Path | None = None, progress: bool | None = False,
+                        family=None) -> tuple[EvalResult, dict[str, Path]]:
+    """Evaluate a training checkpoint as ``config.eval`` says, and write the results.
+
+    Parameters
+    ----------
+    checkpoint
+        A checkpoint directory, a directory of checkpoints or a run directory (see
+        :func:`agent.checkpoint.resolve`), or an opened :class:`~agent.checkpoint.Checkpoint`.
+    config
+        A :class:`~agent.config.Config`; default: the one stored in the checkpoint.
+    out_dir
+        Where to write; default ``<run dir>/eval-<split>-<step>``.
+    family
+        Replaces ``make_family(config, config.eval.split)``.
+    """
+    from agent import checkpoint as ckpt
+    from agent.config import Config
+    from agent.training import DTYPES, build_setup, load_meta, make_family, torch_threads
+
+    found = checkpoint if isinstance(checkpoint, ckpt.Checkpoint) else ckpt.resolve(checkpoint)
+    if config is None:
+        stored = found.load("state.json").get("config") if "state.json" in found else None
+        if stored is None:
+            raise ckpt.CheckpointError(f"{found.path}: no stored config; give one")
+        config = Config.from_dict(stored)
+    ec = config.eval
+    family = make_family(config, ec.split) if family is None else family
+    setup = build_setup(config, families={"train": family, "val": family})
+    meta = load_meta(found, setup.algorithm, DTYPES[config.train.dtype])
+    with torch_threads(config.train.threads):
+        result = evaluate(setup.algorithm, meta, family, episodes=ec.episodes, steps=list(ec.steps) if ec.steps else None,
+                          seed=ec.seed, confidence=ec.confidence, on_episode=EpisodeProgress(ec.episodes, enabled=progress))
+    result.info = {"checkpoint": str(found.path), "step": found.step, "family": config.data.family, "split": ec.split,
+                   "algorithm": config.algorithm.name, "seed": ec.seed}
+    run_dir = found.path.parent.parent if found.path.parent.name == "checkpoints" else found.path.parent
+    out = Path(out_dir) if out_dir is not None else run_dir / f"eval-{ec.split}-{found.step:06d}"
+    return result, write_results(result, out)
 
 
 class EpisodeProgress:

@@ -200,3 +200,35 @@ def test_score_task_classification_accuracy():
     row = score_task(alg, meta, task, [0, 10])
     assert set(row) == {"loss@0", "accuracy@0", "loss@10", "accuracy@10"}
     assert row["loss@10"] < row["loss@0"] and 0.0 <= row["accuracy@10"] <= 1.0
+
+
+def test_sigint_stops_between_steps_with_a_checkpoint(tmp_path):
+    import os
+    import signal
+
+    def interrupt(step, outcome):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = meta_train(config(), tmp_path, progress=False, families=FAMILIES, on_step=interrupt)
+    assert (result.reason, result.step) == ("signal", 3)
+    assert latest_good(tmp_path / "checkpoints").step == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    from agent.training import _Display
+
+    term = Terminal()
+    display = _Display(10, enabled=True, log_every=0, stream=term)
+    display.update(1, 0.5, None)
+    display.update(10, 0.25, {"val_loss": 0.125, "val_accuracy": 0.5})
+    display.close()
+    text = term.getvalue()
+    assert text.startswith("\r[") and "10/10" in text and "steps/s" in text and "val 0.1250 acc 0.500" in text
