@@ -384,6 +384,9 @@ def guarded_adapt(algorithm: Algorithm, meta: MetaState, task: TaskTensors, max_
     candidate, so **the result is never worse on the support set than plain 1-step adaptation**
     (for ``min_steps <= 1 <= max_steps``).
 
+    This is inference-time adaptation: steps run without a graph (``create_graph=False``), so
+    the result is not differentiable w.r.t. ``meta``; meta-training uses ``Algorithm.meta_loss``.
+
     Parameters
     ----------
     algorithm, meta, task
