@@ -341,7 +341,7 @@ def meta_train(config: Config, out_dir: str | Path, *, resume: bool = True, prog
     resume
         Continue from ``out_dir/checkpoints`` when it holds a checkpoint (the configuration must
         agree on everything that shapes the trajectory; ``train.steps`` may grow). Without
-        ``resume`` existing checkpoints are ignored and replaced as the run goes.
+        ``resume`` existing checkpoints are moved aside to ``checkpoints.replaced-<time>``.
     progress
         Progress bar on stderr; default: only when stderr is a terminal.
     log_every
@@ -354,7 +354,7 @@ def meta_train(config: Config, out_dir: str | Path, *, resume: bool = True, prog
     on_step
         Called after every outer step with ``(step, outcome)``.
     """
-    with torch_threads(config.train.threads):
+    with torch_threads(config.train.threads), _run_lock(Path(out_dir)):
         return _meta_train(config, Path(out_dir), resume=resume, progress=progress, log_every=log_every, families=families,
                            max_steps=max_steps, on_step=on_step)
 
@@ -372,6 +372,11 @@ def _meta_train(config, out, *, resume, progress, log_every, families, max_steps
     step, skipped, bad_run, history, acc = 0, 0, 0, [], [0.0, 0]
     previous_seconds = 0.0
 
+    if not resume and ckpt.list_checkpoints(ckpt_root):
+        # a fresh run must not leave an older run's later checkpoints to be resumed by mistake
+        aside = out / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        ckpt_root.rename(aside)
+        log.warning("not resuming: moved the existing checkpoints to %s", aside)
     found = ckpt.latest_good(ckpt_root) if resume else None
     if found is not None:
         state = found.load("state.json")
@@ -454,6 +459,26 @@ def _meta_train(config, out, *, resume, progress, log_every, families, max_steps
         log.info("stopped at step %d/%d (%s); checkpoint %s", step, tc.steps, reason, last_ckpt)
     return TrainResult(step, reason, history, skipped, seconds, (step - start_step) / max(seconds, 1e-9),
                        last_ckpt, meta, algorithm)
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """Hold an exclusive lock on ``out/.lock`` so that two trainers never share a run directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TrainingError(f"{out} is in use by another meta-training process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

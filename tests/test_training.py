@@ -98,7 +98,8 @@ def test_stop_and_resume_with_more_steps_in_float64(tmp_path):
     assert again.step == 8 and same_meta(again.meta, whole.meta)
     fresh = meta_train(config(dtype="float64", steps=2, checkpoint_every=0), tmp_path / "b", resume=False,
                        progress=False, families=FAMILIES)
-    assert fresh.step == 2
+    assert fresh.step == 2 and latest_good(tmp_path / "b" / "checkpoints").step == 2
+    assert len(list((tmp_path / "b").glob("checkpoints.replaced-*"))) == 1
 
 
 def test_resume_refuses_a_different_trajectory(tmp_path):
@@ -232,3 +233,14 @@ def test_progress_bar_on_a_terminal(tmp_path):
     display.close()
     text = term.getvalue()
     assert text.startswith("\r[") and "10/10" in text and "steps/s" in text and "val 0.1250 acc 0.500" in text
+
+
+def test_two_trainers_cannot_share_a_run_directory(tmp_path):
+    import fcntl
+
+    tmp_path.joinpath(".lock").touch()
+    with open(tmp_path / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another process's lock (flock locks are per open file)
+        with pytest.raises(TrainingError, match="in use by another meta-training process"):
+            meta_train(config(steps=1), tmp_path, progress=False, families=FAMILIES)
+    assert meta_train(config(steps=1), tmp_path, progress=False, families=FAMILIES).step == 1
