@@ -388,6 +388,7 @@ def test_registry_and_flags():
         assert type(alg) is cls and alg.name == name
     assert not ProtoNet.iterative and not RidgeHead.iterative and IMAML.iterative and Reptile.iterative
     assert ProtoNet.kinds == BaselinePlusPlus.kinds == frozenset({"classification"})
+    assert not any(cls.needs_head for cls in (ProtoNet, RidgeHead, FineTuneHead, BaselinePlusPlus))  # built with out_dim=0
     assert not IMAML(model).can_vmap([classification_task(0)] * 2) and not Reptile(model).can_vmap([classification_task(0)] * 2)
 
 

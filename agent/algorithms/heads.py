@@ -41,7 +41,7 @@ Examples
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,7 @@ class FineTuneHead(Algorithm):
     """
 
     name = "finetune"
+    needs_head: ClassVar[bool] = False  # build the model with out_dim=0: the head is our own
     head_names: tuple[str, ...] = ("head.weight", "head.bias")
 
     def __init__(self, model, *, inner_lr: float = 0.1, inner_steps: int = 10, first_order: bool = False):

@@ -33,6 +33,7 @@ True
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,7 @@ class ProtoNet(Algorithm):
     name = "protonet"
     kinds = frozenset({CLASSIFICATION})
     iterative = False
+    needs_head: ClassVar[bool] = False  # build the model with out_dim=0: the features are the embedding
 
     def __init__(self, model, *, distance: str = "sqeuclidean", temperature: float | None = None,
                  learn_temperature: bool = True):

@@ -35,6 +35,7 @@ torch.Size([17, 1])
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -80,6 +81,7 @@ class RidgeHead(Algorithm):
 
     name = "ridge"
     iterative = False
+    needs_head: ClassVar[bool] = False  # build the model with out_dim=0: the head is our own
 
     def __init__(self, model, *, lam: float = 1.0, scale: float = 1.0, offset: float = 0.0,
                  learn_lambda: bool = True, learn_scale: bool = True):
