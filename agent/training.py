@@ -52,6 +52,8 @@ from agent.algorithms import algorithm_class, build
 from agent.algorithms.base import CLASSIFICATION, Algorithm, MetaState, TaskTensors
 from agent.config import Config, ConfigError
 from agent.evaluation import score_task
+from agent.nn.model import subdict, with_prefix
+from agent.nn.norm import estimate_running_stats
 
 __all__ = ["TrainingError", "Setup", "StepOutcome", "TrainResult", "build_setup", "make_family", "sample_batch",
            "apply_meta_gradient", "validate", "meta_train", "load_meta", "torch_threads"]
@@ -206,6 +208,22 @@ def apply_meta_gradient(algorithm: Algorithm, meta: MetaState, optimizer: torch.
         optimizer.load_state_dict(saved_opt)
         return StepOutcome(loss, norm, False)
     return StepOutcome(loss, norm, True)
+
+
+def refresh_frozen_stats(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTensors]) -> None:
+    """Set the ``frozen`` normalisation statistics to those of the batch's support sets.
+
+    Frozen-statistics models normalise with buffers, never with the batch at hand (so a query
+    set cannot influence support predictions); meta-training keeps those buffers current by
+    measuring them on the support inputs of every meta-batch.
+    """
+    buffers = subdict(meta, "buffers.")
+    if not buffers:
+        return
+    with torch.no_grad():
+        fresh = estimate_running_stats(algorithm.model, subdict(meta, "params."), buffers,
+                                       [t.support_x for t in tasks])
+    meta.update(with_prefix(fresh, "buffers."))
 
 
 def validate(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTensors], steps: int | None = None) -> dict[str, float]:
@@ -431,6 +449,8 @@ def _meta_train(config, out, *, resume, progress, log_every, families, max_steps
                 reason = "max_steps"
                 break
             tasks = sample_batch(setup.families["train"], tc.seed, step, tc.meta_batch, setup.dtype)
+            if config.model.norm == "frozen":
+                refresh_frozen_stats(algorithm, meta, tasks)
             outcome = apply_meta_gradient(algorithm, meta, optimizer, tasks, progress=step / max(tc.steps, 1),
                                           grad_clip=tc.grad_clip, use_vmap=tc.use_vmap)
             step += 1

@@ -244,3 +244,18 @@ def test_two_trainers_cannot_share_a_run_directory(tmp_path):
         with pytest.raises(TrainingError, match="in use by another meta-training process"):
             meta_train(config(steps=1), tmp_path, progress=False, families=FAMILIES)
     assert meta_train(config(steps=1), tmp_path, progress=False, families=FAMILIES).step == 1
+
+
+def test_frozen_norm_statistics_follow_the_training_data(tmp_path):
+    """With ``norm: frozen`` the buffers are measured on support sets, not left at 0/1."""
+    from agent.training import meta_train
+
+    cfg = Config.from_dict({
+        "model": {"arch": "conv4", "norm": "frozen", "width": 4},
+        "algorithm": {"name": "fomaml", "inner_lr": 0.05, "inner_steps": 1},
+        "data": {"family": "digits", "n_way": 3, "k_shot": 1, "k_query": 2},
+        "train": {"meta_batch": 2, "steps": 2, "val_every": 0, "val_tasks": 2, "checkpoint_every": 0},
+    })
+    result = meta_train(cfg, tmp_path / "run", progress=False)
+    means = [v for k, v in result.meta.items() if k.startswith("buffers.") and k.endswith("mean")]
+    assert means and any(float(m.abs().max()) > 0 for m in means)
