@@ -29,7 +29,7 @@ agent.config.ConfigError: train.meta_batch: must be >= 1, got 0
 >>> Config.from_dict({"trian": {}})
 Traceback (most recent call last):
 ...
-agent.config.ConfigError: trian: unknown key (known: model, algorithm, data, train, eval)
+agent.config.ConfigError: trian: unknown key (known: model, algorithm, data, train, eval, agent, compute, memory, online, limits, checkpoint, metrics)
 >>> with_overrides(cfg, ["train.steps=20", "algorithm.inner_lr=0.1"]).train.steps
 20
 """
@@ -54,6 +54,14 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "EvalConfig",
+    "ArmConfig",
+    "AgentConfig",
+    "ComputeConfig",
+    "MemoryConfig",
+    "OnlineConfig",
+    "LimitsConfig",
+    "CheckpointConfig",
+    "MetricsConfig",
     "Config",
     "option",
     "load",
@@ -202,6 +210,147 @@ class EvalConfig:
     confidence: float = option(0.95, gt=0.0, lt=1.0)
 
 
+# -- streaming agent sections (``meta-agent run``, :class:`agent.agent.Agent`) -----------------
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm the policy can pull: an algorithm with its hyperparameters and a budget rule.
+
+    ``budget`` is ``"adaptive"`` (the difficulty picks a level of ``compute.levels``, capped by
+    the token bucket) or a fixed level index. Extra keys are the algorithm's own options.
+    """
+
+    algorithm: str = "maml"
+    inner_lr: float = option(0.01, gt=0.0)
+    first_order: bool = False
+    budget: Any = "adaptive"
+    extra: dict[str, Any] = option(default_factory=dict)
+
+    _open = "extra"
+
+    def hyper(self) -> dict[str, Any]:
+        return AlgorithmConfig(self.algorithm, self.inner_lr, 1, self.first_order, dict(self.extra)).hyper()
+
+    def _validate(self, path: str) -> None:
+        AlgorithmConfig(self.algorithm, self.inner_lr, 1, self.first_order, dict(self.extra))._validate(path)
+        b = self.budget
+        if not (b == "adaptive" or (isinstance(b, int) and not isinstance(b, bool) and b >= 0)):
+            raise ConfigError(f"{path}.budget", f"must be 'adaptive' or a level index >= 0, got {_show(b)}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The agent: input shape, model outputs, arms and the escalation policy.
+
+    ``out_dim`` is the head width: the target size for regression, the most ways for
+    classification. Tasks of another input shape are rejected (``dim_mismatch``).
+    ``escalate_arm`` (an index into ``arms``) is pulled when the difficulty estimate is at
+    least ``escalate_above``; otherwise ``default_arm``.
+    """
+
+    in_shape: tuple[int, ...] = option((1,), ge=1)
+    out_dim: int = option(1, ge=1)
+    arms: tuple[ArmConfig, ...] = (ArmConfig(),)
+    default_arm: int = option(0, ge=0)
+    escalate_arm: Optional[int] = option(None, ge=0)
+    escalate_above: float = option(0.8, ge=0.0, le=1.0)
+    init_checkpoint: Optional[str] = option(None, doc="meta-parameters from a `meta-agent train` run")
+    micro_batch: int = option(8, ge=1, doc="most waiting tasks handled together")
+    seed: int = option(0, ge=0)
+    threads: int = option(1, ge=1)
+    data_root: Optional[str] = option(None, doc="directory npz references resolve in; none: disabled")
+
+    def _validate(self, path: str) -> None:
+        if not self.arms:
+            raise ConfigError(f"{path}.arms", "needs at least one arm")
+        for key in ("default_arm", "escalate_arm"):
+            i = getattr(self, key)
+            if i is not None and i >= len(self.arms):
+                raise ConfigError(f"{path}.{key}", f"must index arms (0..{len(self.arms) - 1}), got {i}")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Test-time compute: budget levels ``[steps, members]``, the token bucket, the guards."""
+
+    levels: tuple[tuple[int, ...], ...] = ((1, 1), (5, 1), (10, 2))
+    thresholds: Optional[tuple[float, ...]] = option(None, ge=0.0, le=1.0)
+    rate_per_s: float = option(2000.0, ge=0.0, doc="inner-step units earned per second")
+    capacity: float = option(4000.0, gt=0.0)
+    patience: int = option(2, ge=1)
+    max_backtracks: int = option(4, ge=0)
+    holdout: Optional[float] = option(0.3, gt=0.0, lt=1.0, doc="held-out share for ensemble weights")
+
+    def _validate(self, path: str) -> None:
+        from agent.compute import BudgetLevels
+
+        for i, level in enumerate(self.levels):
+            if len(level) not in (1, 2) or any(v < (0 if j == 0 else 1) for j, v in enumerate(level)):
+                raise ConfigError(f"{path}.levels[{i}]", f"must be [steps] or [steps, members], got {list(level)}")
+        try:
+            BudgetLevels.from_config({"levels": [list(x) for x in self.levels],
+                                      **({} if self.thresholds is None else {"thresholds": list(self.thresholds)})})
+        except ValueError as e:
+            raise ConfigError(f"{path}.levels", str(e)) from None
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Episodic memory: capacity, eviction, embedding width, neighbours for ensembles."""
+
+    enabled: bool = True
+    capacity: int = option(2000, ge=1)
+    eviction: str = option("reservoir", choices=("reservoir", "diversity"))
+    dim: int = option(64, ge=1, le=64, doc="embeddings are projected to this width")
+    k: int = option(4, ge=1, doc="neighbours looked up per task")
+    state: str = option("head", choices=("head", "full"), doc="what of an adapted state is kept")
+
+
+@dataclass(frozen=True)
+class OnlineConfig:
+    """Online meta-learning (FTML-style outer steps on labelled tasks, with replay)."""
+
+    enabled: bool = True
+    lr: float = option(1e-3, gt=0.0)
+    every: int = option(1, ge=1, doc="an outer step every N labelled tasks")
+    replay: int = option(7, ge=0, doc="replayed tasks per outer step")
+    replay_capacity: int = option(500, ge=1)
+    max_grad_norm: float = option(1e3, gt=0.0, doc="a larger gradient norm is a fault: roll back")
+    clip: Optional[float] = option(10.0, gt=0.0, doc="clip the global gradient norm below the fault level")
+    fail_threshold: float = option(0.5, doc="accuracy below (classification) or normalised MSE above counts as failed")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Input limits (:class:`agent.task.Limits`) plus the pending-feedback table's bounds."""
+
+    max_record_bytes: int = option(32 * 2**20, ge=1)
+    max_elements: int = option(4 * 2**20, ge=1)
+    max_ways: int = option(100, ge=1)
+    max_shots: int = option(1000, ge=1)
+    max_dim: int = option(65536, ge=1)
+    max_query: int = option(10000, ge=1)
+    max_json_depth: int = option(32, ge=1)
+    pending_ttl_s: float = option(3600.0, gt=0.0)
+    pending_max: int = option(10000, ge=1)
+    seen_ids: int = option(100000, ge=1, doc="recent task ids kept for duplicate detection")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Periodic checkpoints of the running agent."""
+
+    every_s: float = option(30.0, gt=0.0)
+    every_tasks: int = option(0, ge=0, doc="also every N tasks; 0: by time only")
+    keep: int = option(3, ge=1)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus exposition of the daemon."""
+
+    addr: str = option("127.0.0.1:9108", doc="host:port, or 0 to disable")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration. Add a section by adding a field here."""
@@ -211,6 +360,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "Config":
