@@ -1,0 +1,346 @@
+"""Choosing an (algorithm, compute budget) pair per task.
+
+Arms are :class:`Arm` pairs such as ``maml@5`` or ``protonet@0``. The reward of a pull is
+``quality - lam * compute`` (:func:`reward`), so a cheaper arm wins when it is about as good.
+
+:class:`ContextualSelector` keeps one River regressor per arm (default
+``StandardScaler | LinearRegression``) that predicts the reward from the task features, and picks
+the arm with the best prediction plus exploration:
+
+* ``"egreedy"``: with probability ``epsilon`` a uniformly random arm, otherwise
+  ``argmax pred + bonus / sqrt(n_arm)`` (a count bonus that favours rarely tried arms);
+* ``"ucb"``: ``argmax pred + bonus * sqrt(log N / n_arm)`` over the per-arm predictions.
+
+Until every arm has ``burn_in`` pulls the selector goes round-robin (cold start).
+:meth:`ContextualSelector.boost_exploration` multiplies ``epsilon`` and ``bonus`` for a number of
+choices (what a drift detection calls). Randomness comes only from a seeded
+:class:`random.Random` held by the selector (and pickled with it).
+
+:class:`ContextFreeSelector` puts River's context-free policies (``bandit.UCB``,
+``bandit.EpsilonGreedy``, ``bandit.ThompsonSampling``, ``bandit.BayesUCB``, ``bandit.Exp3``,
+``bandit.RandomPolicy``) behind the same ``choose``/``learn`` interface as baselines, working
+around River 0.26 traps:
+
+* ``ThompsonSampling()`` with its default reward object raises ``TypeError``: a ``proba.Beta()``
+  is always passed;
+* ``proba.Beta`` (Thompson, BayesUCB) counts any truthy reward as a success: rewards are mapped
+  to [0, 1] and Bernoulli-ised with the selector's own seeded rng;
+* ``BayesUCB``/``LinUCBDisjoint`` put ``burn_in`` into ``reward_scaler``: River's ``burn_in`` is
+  never passed, the wrapper does the round-robin itself;
+* ``Exp3.update`` on an arm that ``Exp3`` itself did not draw raises ``KeyError`` (burn-in, or a
+  delayed update): the wrapper fills in the arm's current Exp3 probability first; Exp3 also
+  needs rewards in [0, 1], so they are rescaled from ``reward_range``.
+
+Examples
+--------
+>>> sel = ContextualSelector(["maml@5", "protonet@0"], seed=0, burn_in=2)
+>>> for t in range(300):
+...     x = {"shots": float(t % 2)}
+...     arm = sel.choose(x)
+...     good = (arm.algorithm == "maml") == (x["shots"] == 1.0)
+...     sel.learn(x, arm, 1.0 if good else 0.0)
+>>> str(sel.choose({"shots": 1.0}, explore=False)), str(sel.choose({"shots": 0.0}, explore=False))
+('maml@5', 'protonet@0')
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from river import bandit, linear_model, optim, preprocessing, proba, stats
+
+__all__ = ["Arm", "parse_arm", "reward", "ContextualSelector", "ContextFreeSelector", "POLICIES"]
+
+
+@dataclass(frozen=True, order=True)
+class Arm:
+    """An (algorithm, budget) pair; ``str(arm)`` is ``"algorithm@budget"``."""
+
+    algorithm: str
+    budget: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}@{self.budget}"
+
+
+def parse_arm(spec: "Arm | str | tuple") -> Arm:
+    """An :class:`Arm` from ``"maml@5"``, ``("maml", 5)`` or an ``Arm``.
+
+    Examples
+    --------
+    >>> parse_arm("maml@5"), parse_arm(("anil", 10)), parse_arm("protonet")
+    (Arm(algorithm='maml', budget=5), Arm(algorithm='anil', budget=10), Arm(algorithm='protonet', budget=0))
+    """
+    if isinstance(spec, Arm):
+        return spec
+    if isinstance(spec, str):
+        name, _, budget = spec.partition("@")
+        return Arm(name, int(budget) if budget else 0)
+    name, budget = spec
+    return Arm(str(name), int(budget))
+
+
+def reward(quality: float, compute_units: float, lam: float) -> float:
+    """``quality - lam * compute_units``; a non-finite quality (diverged) counts as ``-lam * compute - 1``.
+
+    Examples
+    --------
+    >>> reward(0.9, 4.0, 0.05)
+    0.7
+    >>> reward(float("nan"), 1.0, 0.1)
+    -1.1
+    """
+    if not math.isfinite(quality):
+        quality = -1.0
+    return float(quality) - float(lam) * float(compute_units)
+
+
+def _arms(arms: Iterable) -> list[Arm]:
+    out = [parse_arm(a) for a in arms]
+    if not out:
+        raise ValueError("at least one arm is needed")
+    if len(set(out)) != len(out):
+        raise ValueError("arms must be distinct")
+    return out
+
+
+class _Boost:
+    """Exploration multiplier for a number of choices (shared by both selectors)."""
+
+    def _init_boost(self):
+        self._boost_factor = 1.0
+        self._boost_left = 0
+
+    def boost_exploration(self, factor: float, duration: int) -> None:
+        """Multiply exploration by ``factor`` for the next ``duration`` choices (e.g. after drift)."""
+        if factor < 1 or duration < 0:
+            raise ValueError("factor must be >= 1 and duration >= 0")
+        self._boost_factor = float(factor)
+        self._boost_left = int(duration)
+
+    def _tick_boost(self) -> float:
+        if self._boost_left > 0:
+            self._boost_left -= 1
+            return self._boost_factor
+        return 1.0
+
+    @property
+    def boost_remaining(self) -> int:
+        return self._boost_left
+
+
+def default_regressor():
+    """``StandardScaler | LinearRegression`` with a faster intercept (rewards sit far from 0)."""
+    return preprocessing.StandardScaler() | linear_model.LinearRegression(optimizer=optim.SGD(0.01), intercept_lr=0.05)
+
+
+class ContextualSelector(_Boost):
+    """Per-arm River regressors of the reward from task features, with exploration.
+
+    Parameters
+    ----------
+    arms
+        Arms (``Arm``, ``"algo@budget"`` or ``(algo, budget)``).
+    model
+        A River regressor cloned once per arm (default :func:`default_regressor`).
+    exploration
+        ``"egreedy"`` (epsilon-greedy plus count bonus) or ``"ucb"``.
+    epsilon
+        Random-arm probability for ``"egreedy"``.
+    bonus
+        Coefficient ``c`` of the count bonus ``c / sqrt(n)`` (egreedy) or ``c * sqrt(log N / n)`` (ucb);
+        default 0.05 for egreedy and 0.3 for ucb (UCB has no random pulls, so a small bonus
+        lets an arm whose model learned slowly during burn-in starve).
+    burn_in
+        Round-robin pulls per arm before the models decide.
+    seed
+        Seed of the selector's own rng.
+    """
+
+    def __init__(self, arms: Sequence, model=None, *, exploration: str = "egreedy", epsilon: float = 0.05,
+                 bonus: float | None = None, burn_in: int = 5, seed: int | None = 0):
+        if exploration not in ("egreedy", "ucb"):
+            raise ValueError(f"exploration must be 'egreedy' or 'ucb', got {exploration!r}")
+        self.arms = _arms(arms)
+        self.model = model if model is not None else default_regressor()
+        self.models = {a: self.model.clone() for a in self.arms}
+        self.exploration = exploration
+        self.epsilon = float(epsilon)
+        self.bonus = float(bonus if bonus is not None else (0.05 if exploration == "egreedy" else 0.3))
+        self.burn_in = int(burn_in)
+        self.seed = seed
+        self._rng = random.Random(seed)
+        self.counts = {a: 0 for a in self.arms}
+        self.mean_reward = {a: stats.Mean() for a in self.arms}
+        self.n = 0
+        self._init_boost()
+
+    def __repr__(self) -> str:
+        return f"ContextualSelector(arms={[str(a) for a in self.arms]}, exploration={self.exploration!r}, n={self.n})"
+
+    def predict(self, features: Mapping[str, float]) -> dict[Arm, float]:
+        """Predicted reward of each arm for ``features``."""
+        out = {}
+        for a, m in self.models.items():
+            p = m.predict_one(dict(features)) if self.counts[a] else 0.0
+            out[a] = float(p) if p is not None and math.isfinite(p) else 0.0
+        return out
+
+    def scores(self, features: Mapping[str, float], factor: float = 1.0) -> dict[Arm, float]:
+        """Prediction plus exploration bonus per arm (what :meth:`choose` maximises when exploiting)."""
+        preds = self.predict(features)
+        c = self.bonus * factor
+        total = max(1, sum(self.counts.values()))
+        out = {}
+        for a, p in preds.items():
+            n = self.counts[a]
+            if n == 0:
+                out[a] = math.inf
+            elif self.exploration == "ucb":
+                out[a] = p + c * math.sqrt(math.log(total + 1) / n)
+            else:
+                out[a] = p + c / math.sqrt(n)
+        return out
+
+    def choose(self, features: Mapping[str, float], *, explore: bool = True) -> Arm:
+        """The arm for a task with ``features`` (round-robin during burn-in)."""
+        factor = self._tick_boost() if explore else 1.0
+        if explore:
+            lagging = min(self.counts.values())
+            if lagging < self.burn_in:
+                return next(a for a in self.arms if self.counts[a] == lagging)
+            if self.exploration == "egreedy" and self._rng.random() < min(1.0, self.epsilon * factor):
+                return self._rng.choice(self.arms)
+        sc = self.scores(features, factor) if explore else self.predict(features)
+        best = max(sc.values())
+        return next(a for a in self.arms if sc[a] == best)
+
+    def learn(self, features: Mapping[str, float], arm, reward: float) -> None:
+        """Update ``arm``'s model with the observed reward (call when the labels arrive)."""
+        arm = parse_arm(arm)
+        if arm not in self.models:
+            raise KeyError(f"unknown arm {arm}")
+        r = float(reward)
+        if not math.isfinite(r):
+            raise ValueError("reward must be finite (use reward() to map a diverged task)")
+        self.models[arm].learn_one(dict(features), r)
+        self.counts[arm] += 1
+        self.mean_reward[arm].update(r)
+        self.n += 1
+
+
+# -- River's context-free policies as baselines ------------------------------------------------
+
+#: policy name -> whether River's policy needs 0/1 rewards (a Beta reward object)
+POLICIES = {"ucb": False, "epsilon_greedy": False, "thompson": True, "bayes_ucb": True, "exp3": False, "random": False}
+
+
+class ContextFreeSelector(_Boost):
+    """A River context-free bandit policy behind the :class:`ContextualSelector` interface.
+
+    Parameters
+    ----------
+    arms
+        Arms, as for :class:`ContextualSelector`.
+    policy
+        One of :data:`POLICIES`.
+    burn_in
+        Round-robin pulls per arm, done here (never passed to River; see the module notes).
+    reward_range
+        ``(low, high)`` used to map rewards to [0, 1] for Thompson, BayesUCB and Exp3.
+    seed
+        Seed of the River policy and of this wrapper's rng.
+    params
+        Policy parameters: ``delta`` (UCB, default 0.1), ``epsilon`` (default 0.1) and ``decay``
+        (epsilon-greedy), ``gamma`` (Exp3, default 0.1).
+
+    Examples
+    --------
+    >>> sel = ContextFreeSelector(["a@1", "b@1"], policy="thompson", seed=0)
+    >>> for _ in range(200):
+    ...     arm = sel.choose({})
+    ...     sel.learn({}, arm, 0.9 if arm.algorithm == "b" else 0.2)
+    >>> sel.counts[Arm("b", 1)] > sel.counts[Arm("a", 1)]
+    True
+    """
+
+    def __init__(self, arms: Sequence, policy: str = "ucb", *, burn_in: int = 1,
+                 reward_range: tuple[float, float] = (0.0, 1.0), seed: int | None = 0, **params):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+        self.arms = _arms(arms)
+        self.policy_name = policy
+        self.burn_in = int(burn_in)
+        lo, hi = reward_range
+        if not hi > lo:
+            raise ValueError("reward_range must be (low, high) with high > low")
+        self.reward_range = (float(lo), float(hi))
+        self.seed = seed
+        self._rng = random.Random(None if seed is None else seed + 1)
+        self.params = dict(params)
+        self.policy = self._build(policy, seed, params)
+        self._ids = {str(a): a for a in self.arms}
+        self.counts = {a: 0 for a in self.arms}
+        self.n = 0
+        self._init_boost()
+
+    @staticmethod
+    def _build(name: str, seed, params):
+        if name == "ucb":
+            return bandit.UCB(delta=params.get("delta", 0.1), seed=seed)
+        if name == "epsilon_greedy":
+            return bandit.EpsilonGreedy(epsilon=params.get("epsilon", 0.1), decay=params.get("decay", 0.0), seed=seed)
+        if name == "thompson":
+            # the default reward_obj raises TypeError in River 0.26
+            return bandit.ThompsonSampling(reward_obj=proba.Beta(), seed=seed)
+        if name == "bayes_ucb":
+            # never pass burn_in: BayesUCB forwards it positionally into reward_scaler
+            return bandit.BayesUCB(reward_obj=proba.Beta(), seed=seed)
+        if name == "exp3":
+            return bandit.Exp3(gamma=params.get("gamma", 0.1), seed=seed)
+        return bandit.RandomPolicy(seed=seed)
+
+    def __repr__(self) -> str:
+        return f"ContextFreeSelector(policy={self.policy_name!r}, arms={[str(a) for a in self.arms]}, n={self.n})"
+
+    def choose(self, features: Mapping[str, float] | None = None, *, explore: bool = True) -> Arm:
+        """The next arm (``features`` are ignored: the policy is context-free)."""
+        factor = self._tick_boost() if explore else 1.0
+        lagging = min(self.counts.values())
+        if explore and lagging < self.burn_in:
+            return next(a for a in self.arms if self.counts[a] == lagging)
+        if explore and factor > 1.0 and self._rng.random() < min(1.0, 0.1 * (factor - 1.0)):
+            return self._rng.choice(self.arms)
+        return self._ids[self.policy.pull([str(a) for a in self.arms])]
+
+    def _unit(self, r: float) -> float:
+        lo, hi = self.reward_range
+        return min(1.0, max(0.0, (r - lo) / (hi - lo)))
+
+    def learn(self, features: Mapping[str, float] | None, arm, reward: float) -> None:
+        """Update the policy with ``arm``'s reward (mapped for policies that need it)."""
+        arm = parse_arm(arm)
+        if arm not in self.counts:
+            raise KeyError(f"unknown arm {arm}")
+        r = float(reward)
+        if not math.isfinite(r):
+            raise ValueError("reward must be finite (use reward() to map a diverged task)")
+        key = str(arm)
+        if POLICIES[self.policy_name]:
+            # proba.Beta counts any truthy value as a success: Bernoulli-ise the [0, 1] reward
+            r = 1 if self._rng.random() < self._unit(r) else 0
+        elif self.policy_name == "exp3":
+            r = self._unit(r)
+            probs = self.policy._probabilities
+            if key not in probs:  # an arm Exp3 did not draw itself (burn-in, delayed update): KeyError in River
+                ids = [str(a) for a in self.arms]
+                w = self.policy._weights
+                total = sum(w[i] for i in ids)
+                g = self.policy.gamma
+                probs[key] = (1 - g) * w[key] / total + g / len(ids)
+        self.policy.update(key, r)
+        self.counts[arm] += 1
+        self.n += 1
