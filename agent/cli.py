@@ -158,6 +158,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- run --------------------------------------------------------------------------------------
+def _run_args(p: argparse.ArgumentParser) -> None:
+    from agent.daemon import add_arguments
+
+    add_arguments(p)
+
+
+@command("run", "run the agent on a task stream (default: the built-in demo stream, metrics on 127.0.0.1:9108)",
+         _run_args)
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import run_daemon
+
+    return run_daemon(args)
+
+
 # -- version ----------------------------------------------------------------------------------
 @command("version", "print the version")
 def cmd_version(args: argparse.Namespace) -> int:

@@ -1,0 +1,941 @@
+"""The streaming agent: one object that answers few-shot tasks and keeps learning from them.
+
+:class:`Agent` is the imperative shell over the pure parts (algorithms, compute policy, memory):
+it owns the meta-parameters, the episodic memory, the pending-feedback table, the token bucket,
+the online meta-learner and the Prometheus metrics, and it is the only place with clocks.
+
+Per task (:meth:`Agent.step`):
+
+1. cheap features (support size, ways, shots, support loss at the meta-initialisation) and a
+   difficulty estimate in [0, 1] (:class:`Difficulty`: where the normalised initial loss falls in
+   the running distribution of past tasks);
+2. an arm from the :class:`Policy` (configured default, escalation by difficulty);
+3. a budget from :func:`~agent.compute.choose_budget` and the :class:`~agent.compute.TokenBucket`;
+4. adaptation with :func:`~agent.compute.guarded_adapt`, or an ensemble over the
+   meta-initialisation and the nearest memory entries' states
+   (:func:`~agent.compute.ensemble_predict`) when the budget has several members;
+5. an :class:`~agent.task.Outcome`. When labels are known (inline, or later through
+   :meth:`Agent.feedback`) the task is scored, stored in memory, and fed to the online
+   meta-learner.
+
+The failure probability ``p_fail`` is the difficulty estimate until the River failure predictor
+is wired in (the :class:`Policy` seam is where the River selector goes).
+
+Examples
+--------
+A plain Python loop (the README's embedded use):
+
+>>> import numpy as np
+>>> from agent.task import Task
+>>> agent = Agent.from_config({"agent": {"in_shape": [1], "out_dim": 1},
+...                            "compute": {"levels": [[1, 1], [3, 1]]}, "memory": {"capacity": 50}})
+>>> rng = np.random.default_rng(0)
+>>> for i in range(5):
+...     x = rng.uniform(-5, 5, (10, 1)); q = rng.uniform(-5, 5, (5, 1))
+...     task = Task(f"t{i}", "regression", x, np.sin(x), q)            # labels come later
+...     outcome = agent.step(task)
+...     score = agent.feedback(task.id, np.sin(q))
+>>> outcome.id, len(outcome.predictions), sorted(score)
+('t4', 5, ['failed', 'id', 'mse'])
+>>> agent.handle_line(b'{"type": "task", "id": "bad"')[0]["error"]["code"]
+'bad_json'
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from agent import checkpoint as ckpt
+from agent.algorithms import Algorithm, TaskTensors, build
+from agent.compute import BudgetLevels, TokenBucket, choose_budget, ensemble_predict, guarded_adapt
+from agent.config import Config, load as load_config
+from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
+from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
+from agent.task import (BAD_TARGET_SHAPE, CLASSIFICATION, DIM_MISMATCH, TOO_LARGE, Feedback, IdRegistry, Limits,
+                        Outcome, Task, TaskError, error_record, parse_record)
+
+__all__ = ["Agent", "Policy", "Difficulty", "task_features", "RunStats"]
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts: features, difficulty, policy
+# --------------------------------------------------------------------------------------------
+def task_features(algorithm: Algorithm, meta: Mapping[str, torch.Tensor], task: TaskTensors) -> dict[str, float]:
+    """Cheap features of a task: sizes and the support loss at the meta-initialisation.
+
+    ``norm_init_loss`` makes the initial loss scale-free: divided by the variance of the targets
+    (regression: 1 means "no better than predicting the mean") or by ``log(n_way)``
+    (classification: 1 means "chance").
+
+    Examples
+    --------
+    >>> import torch
+    >>> from agent.nn import build_model
+    >>> alg = build("maml", build_model("mlp", in_shape=1, out_dim=1, hidden=(8,)))
+    >>> meta = alg.init_meta(torch.Generator().manual_seed(0))
+    >>> x = torch.linspace(-1, 1, 6).unsqueeze(1)
+    >>> f = task_features(alg, meta, TaskTensors(x, x, x, None, "regression"))
+    >>> f["n_support"], f["shots"], f["init_loss"] > 0
+    (6.0, 6.0, True)
+    """
+    n = int(task.support_x.shape[0])
+    with torch.no_grad():
+        loss = float(algorithm.support_loss(meta, algorithm.start(meta, task), task))
+    if task.kind == CLASSIFICATION:
+        n_way = int(task.n_way)
+        scale = math.log(max(n_way, 2))
+        shots = n / n_way
+    else:
+        n_way = 0
+        scale = float(task.support_y.float().var(unbiased=False)) if n > 1 else 1.0
+        shots = n
+    norm = loss / max(scale, 1e-6) if math.isfinite(loss) else math.inf
+    return {"n_support": float(n), "n_way": float(n_way), "shots": float(shots),
+            "n_query": float(task.query_x.shape[0]), "init_loss": loss, "norm_init_loss": norm}
+
+
+class Difficulty:
+    """Difficulty in [0, 1]: the normal CDF of the z-score of ``log(norm_init_loss)`` against an
+    exponential moving mean and variance of past tasks. ``0.5`` until ``warmup`` tasks were seen;
+    ``1`` for a non-finite loss.
+
+    Examples
+    --------
+    >>> d = Difficulty(warmup=3)
+    >>> for v in (1.0, 1.1, 0.9, 1.0):
+    ...     _ = d.update(v)
+    >>> d.estimate(1.0) < d.estimate(5.0)
+    True
+    """
+
+    def __init__(self, alpha: float = 0.02, warmup: int = 20):
+        self.alpha, self.warmup = float(alpha), int(warmup)
+        self.n, self.mean, self.var = 0, 0.0, 1.0
+
+    def estimate(self, norm_loss: float) -> float:
+        if not math.isfinite(norm_loss):
+            return 1.0
+        if self.n < self.warmup:
+            return 0.5
+        z = (math.log(max(norm_loss, 1e-12)) - self.mean) / math.sqrt(max(self.var, 1e-6))
+        return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+    def update(self, norm_loss: float) -> float:
+        """Estimate for this loss, then fold it into the running statistics."""
+        d = self.estimate(norm_loss)
+        if math.isfinite(norm_loss):
+            v = math.log(max(norm_loss, 1e-12))
+            a = max(self.alpha, 1.0 / (self.n + 1))  # plain averages while few tasks are seen
+            delta = v - self.mean
+            self.mean += a * delta
+            self.var = (1 - a) * (self.var + a * delta * delta) if self.n else 1.0
+            self.n += 1
+        return d
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, s: Mapping) -> None:
+        self.n, self.mean, self.var = int(s["n"]), float(s["mean"]), float(s["var"])
+
+
+class Policy:
+    """Chooses an arm for a task from its features; learns from rewards.
+
+    This first policy is fixed and documented: the ``default`` arm, or the ``escalate`` arm when
+    the difficulty is at least ``escalate_above``. :meth:`learn` only keeps per-arm reward means
+    (for inspection). A River contextual bandit replaces it by implementing the same two methods.
+
+    Examples
+    --------
+    >>> p = Policy(n_arms=2, default=0, escalate=1, escalate_above=0.8)
+    >>> p.choose({"difficulty": 0.2}), p.choose({"difficulty": 0.9})
+    (0, 1)
+    >>> p.learn({}, 1, 0.5); p.state_dict()["means"]
+    [0.0, 0.5]
+    """
+
+    def __init__(self, n_arms: int, default: int = 0, escalate: int | None = None, escalate_above: float = 0.8):
+        self.n_arms, self.default, self.escalate, self.escalate_above = n_arms, default, escalate, escalate_above
+        self.pulls = [0] * n_arms
+        self.means = [0.0] * n_arms
+
+    def choose(self, features: Mapping[str, float]) -> int:
+        if self.escalate is not None and features.get("difficulty", 0.0) >= self.escalate_above:
+            return self.escalate
+        return self.default
+
+    def learn(self, features: Mapping[str, float], arm: int, reward: float) -> None:
+        if not math.isfinite(reward):
+            return
+        self.pulls[arm] += 1
+        self.means[arm] += (reward - self.means[arm]) / self.pulls[arm]
+
+    def state_dict(self) -> dict:
+        return {"pulls": list(self.pulls), "means": list(self.means)}
+
+    def load_state_dict(self, s: Mapping) -> None:
+        if len(s["pulls"]) == self.n_arms:
+            self.pulls, self.means = list(s["pulls"]), list(s["means"])
+
+
+def _score(task: Task, predictions: np.ndarray, fail_threshold: float) -> dict[str, Any]:
+    y = np.asarray(task.query_y)
+    if task.kind == CLASSIFICATION:
+        acc = float(np.mean(np.asarray(predictions).reshape(-1) == y.reshape(-1)))
+        return {"accuracy": acc, "failed": acc < fail_threshold, "reward": acc}
+    pred = np.asarray(predictions, dtype=np.float64).reshape(y.shape[0], -1)
+    yy = y.astype(np.float64).reshape(y.shape[0], -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mse = float(np.mean((pred - yy) ** 2))
+        nmse = mse / max(float(np.var(yy)), 1e-6)
+    ok = math.isfinite(mse)
+    return {"mse": mse if ok else math.inf, "failed": (not ok) or nmse > fail_threshold,
+            "reward": -nmse if ok else -math.inf}
+
+
+# --------------------------------------------------------------------------------------------
+# The agent
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    """An answered task waiting for its labels."""
+
+    task: Task
+    arm: int
+    features: dict
+    predictions: np.ndarray
+    budget: dict
+    embedding: np.ndarray | None
+    state: dict[str, torch.Tensor]
+    created: float
+
+
+@dataclass
+class RunStats:
+    """Counters of one :meth:`Agent.run` call (for progress lines and the daemon's summary)."""
+
+    records: int = 0
+    tasks: int = 0
+    errors: int = 0
+    feedback: int = 0
+    written: int = 0
+    checkpoints: int = 0
+    started: float = field(default_factory=time.monotonic)
+    reason: str = ""
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.tasks / max(time.monotonic() - self.started, 1e-9)
+
+
+class Agent:
+    """A streaming few-shot agent (see the module docstring).
+
+    Build it with :meth:`from_config` or :meth:`load`. Not thread-safe: one thread steps it
+    (the metrics server only reads the registry).
+
+    Parameters
+    ----------
+    config
+        A validated :class:`~agent.config.Config`.
+    registry
+        Prometheus registry for the agent's metrics (a fresh one by default).
+    clock
+        Monotonic seconds for the token bucket and the pending table's TTL (a fake in tests).
+    """
+
+    def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        from agent.nn import build_model
+
+        self.config = config
+        self.clock = clock
+        ac = config.agent
+        self.in_shape = tuple(ac.in_shape)
+        self.out_dim = int(ac.out_dim)
+        self.model = build_model(config.model.arch, in_shape=self.in_shape, out_dim=self.out_dim,
+                                 **config.model.build_kwargs())
+        self.algorithms: list[Algorithm] = [build(a.algorithm, self.model, **a.hyper()) for a in ac.arms]
+        self.generator = torch.Generator().manual_seed(ac.seed)
+        self.rng = np.random.default_rng(ac.seed)
+        # One meta state shared by every arm: the model's parameters plus each algorithm's extras.
+        meta: dict[str, torch.Tensor] = {}
+        for alg in self.algorithms:
+            for k, v in alg.init_meta(torch.Generator().manual_seed(ac.seed)).items():
+                meta.setdefault(k, v)
+        if ac.init_checkpoint:
+            stored = ckpt.resolve(ac.init_checkpoint).load("meta.pt")
+            for k, v in stored.items():
+                if k in meta and meta[k].shape == v.shape:
+                    meta[k] = v.detach().clone().to(meta[k].dtype).requires_grad_(meta[k].requires_grad)
+        self.meta = meta
+        self.learner = self.algorithms[ac.default_arm]
+        self._trainable = [k for k, v in meta.items() if v.requires_grad]
+        self._new_optimizer()
+        self._last_good = self._snapshot()
+
+        cc = config.compute
+        self.levels = BudgetLevels.from_config({"levels": [list(x) for x in cc.levels],
+                                                **({} if cc.thresholds is None else {"thresholds": list(cc.thresholds)})})
+        self.bucket = TokenBucket(cc.rate_per_s, cc.capacity, clock=clock)
+        self.policy = Policy(len(self.algorithms), ac.default_arm, ac.escalate_arm, ac.escalate_above)
+        self.difficulty = Difficulty()
+
+        lc = config.limits
+        self.limits = Limits(lc.max_record_bytes, lc.max_elements, lc.max_ways, lc.max_shots, lc.max_dim,
+                             lc.max_query, lc.max_json_depth)
+        self.seen = IdRegistry(lc.seen_ids)
+        self.pending: OrderedDict[str, _Pending] = OrderedDict()
+
+        mc = config.memory
+        self.memory: MemoryBank | None = None
+        self.projection: np.ndarray | None = None
+        if mc.enabled:
+            raw = 2 * self.model.feature_dim + 5
+            dim = raw
+            if raw > mc.dim:
+                self.projection, dim = random_projection(raw, mc.dim, seed=ac.seed), mc.dim
+            self.memory = MemoryBank(mc.capacity, dim, mc.eviction, rng=np.random.default_rng(ac.seed + 1))
+
+        self.replay: list[TaskTensors] = []
+        self.replay_seen = 0
+        self._online_batch: list[TaskTensors] = []
+        self.counters = {"tasks": 0, "errors": 0, "labelled": 0, "failures": 0, "online_updates": 0,
+                         "rollbacks": 0, "expired": 0, "records": 0, "checkpoints": 0}
+        self.recent: list[float] = []  # recent quality scores (accuracy or MSE) for progress lines
+        self.quality_name = "quality"
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics: Metrics = build_metrics(self.registry, algorithms=[a.name for a in self.algorithms])
+        self.metrics.state.state("starting")
+        self.stream_state: dict = {}  # source positions and sink offset of the checkpoint loaded
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: Config | Mapping | str | Path | None = None, **kwargs) -> "Agent":
+        """An agent from a :class:`Config`, a plain dict, or a YAML path (``None``: defaults)."""
+        if isinstance(config, (str, Path)):
+            config = load_config(config)
+        elif not isinstance(config, Config):
+            config = Config.from_dict(config)
+        return cls(config, **kwargs)
+
+    # -- public API ----------------------------------------------------------------------------
+    def step(self, task: Task, *, received: float | None = None) -> Outcome:
+        """Answer one task (and learn from it at once when its query labels are inline).
+
+        Raises :class:`~agent.task.TaskError` when the task does not fit the model (input shape,
+        too many ways, target size); the agent's state is unchanged then.
+        """
+        return self.step_many([task], received=received)[0]
+
+    def step_many(self, tasks: Sequence[Task], *, received: float | None = None) -> list[Outcome]:
+        """Answer several waiting tasks (a micro-batch); the same results as stepping each.
+
+        Tasks are checked first, so one that does not fit raises before any is answered. The
+        tasks' initial losses are computed in one vmapped call when the model allows it.
+        """
+        received = time.perf_counter() if received is None else received
+        tts = [self._check(t) for t in tasks]
+        feats = self._features(tts)
+        return [self._answer(t, tt, f, received) for t, tt, f in zip(tasks, tts, feats)]
+
+    def feedback(self, task_id: str, y: Any) -> dict | None:
+        """Labels for a task answered earlier: score it and learn from it.
+
+        Returns the score (``{"id", "accuracy" or "mse", "failed"}``), or ``None`` when no task
+        with that id is pending (unknown, already labelled, or expired; counted in the metrics).
+        Raises :class:`~agent.task.TaskError` when ``y`` does not fit the task (it stays pending).
+        """
+        self._expire()
+        fb = y if isinstance(y, Feedback) else Feedback(task_id, np.asarray(y))
+        entry = self.pending.get(task_id)
+        if entry is None:
+            self.metrics.feedback_unmatched.inc()
+            return None
+        task = entry.task.with_feedback(fb)  # raises TaskError on labels that do not fit
+        del self.pending[task_id]
+        self.metrics.feedback_joined.inc()
+        self.metrics.feedback_pending.set(len(self.pending))
+        return self._learn(task, task.to_tensors(), entry)
+
+    def handle_line(self, line: bytes | str, *, received: float | None = None) -> list[dict]:
+        """One raw record in, output records out; never raises on bad input.
+
+        A task gives its outcome; feedback gives nothing (or an error); a bad record gives
+        ``{"id", "error": {"code", "message"}}`` and counts in ``metaagent_input_errors_total``.
+        """
+        return self.handle_records([line], received=received)[0]
+
+    def handle_records(self, lines: Sequence[bytes | str], *, received: float | None = None) -> list[list[dict]]:
+        """Several raw records: waiting tasks are answered together (:meth:`step_many`)."""
+        received = time.perf_counter() if received is None else received
+        out: list[list[dict]] = [[] for _ in lines]
+        batch: list[tuple[int, Task]] = []
+
+        def flush():
+            if not batch:
+                return
+            try:
+                outcomes = self.step_many([t for _, t in batch], received=received)
+            except TaskError:  # one did not fit: answer them one by one
+                for i, t in batch:
+                    out[i] = self._guarded(lambda t=t: [self.step(t, received=received).to_dict()], t.id)
+            else:
+                for (i, _), o in zip(batch, outcomes):
+                    out[i] = [o.to_dict()]
+            batch.clear()
+
+        for i, line in enumerate(lines):
+            self.counters["records"] += 1
+            try:
+                record = parse_record(line, limits=self.limits, data_root=self.config.agent.data_root, seen=self.seen)
+            except TaskError as e:
+                out[i] = [self._error(e.record_id, e.code, e.message)]
+                continue
+            if isinstance(record, Task):
+                batch.append((i, record))
+                if len(batch) >= self.config.agent.micro_batch:
+                    flush()
+            else:
+                flush()  # feedback for a task in this batch must come after its answer
+                out[i] = self._guarded(lambda r=record: (self.feedback(r.id, r), [])[1], record.id)
+        flush()
+        return out
+
+    def error_for_oversized(self, size: int) -> dict:
+        """The error line for a record a source refused to read (longer than its line limit)."""
+        return self._error(None, "record_too_large", f"record is {size} bytes, more than the source's limit")
+
+    # -- internals: one task -------------------------------------------------------------------
+    def _guarded(self, fn: Callable[[], list[dict]], task_id: str | None) -> list[dict]:
+        try:
+            return fn()
+        except TaskError as e:
+            if task_id is not None:
+                self.seen.discard(task_id)
+            return [self._error(task_id, e.code, e.message)]
+        except Exception as e:  # noqa: BLE001 - a bug or numerical trouble must not stop the stream
+            log.exception("internal error on record %r", task_id)
+            return [self._error(task_id, INTERNAL_ERROR, f"{type(e).__name__}: {e}")]
+
+    def _error(self, task_id: str | None, code: str, message: str) -> dict:
+        self.counters["errors"] += 1
+        self.metrics.input_errors.labels(code=code).inc()
+        return error_record(task_id, code, message)
+
+    def _check(self, task: Task) -> TaskTensors:
+        shape = tuple(task.support_x.shape[1:])
+        try:
+            if shape != self.in_shape:
+                raise TaskError(DIM_MISMATCH, "support.x", f"examples have shape {shape}, the model takes {self.in_shape}")
+            if task.kind == CLASSIFICATION and task.n_way > self.out_dim:
+                raise TaskError(TOO_LARGE, "support.y", f"has {task.n_way} classes, the model has {self.out_dim} outputs")
+            if task.kind != CLASSIFICATION:
+                size = int(np.prod(task.support_y.shape[1:])) if task.support_y.ndim > 1 else 1
+                if size != self.out_dim:
+                    raise TaskError(BAD_TARGET_SHAPE, "support.y", f"targets have {size} elements, the model has {self.out_dim} outputs")
+        except TaskError as e:
+            e.record_id = task.id
+            raise
+        return task.to_tensors()
+
+    def _features(self, tts: Sequence[TaskTensors]) -> list[dict]:
+        # Initial support losses of a micro-batch in one vmapped forward when shapes agree.
+        out = [None] * len(tts)
+        if len(tts) > 1 and self.model.vmappable and all(self.learner.can_vmap([tts[0], t]) for t in tts[1:]):
+            alg = self.algorithms[self.config.agent.default_arm]
+            if alg.iterative:
+                try:
+                    out = self._batched_features(alg, tts)
+                except Exception:  # noqa: BLE001 - an exotic model under vmap: fall back to the loop
+                    out = [None] * len(tts)
+        return [f if f is not None else task_features(self.algorithms[self.config.agent.default_arm], self.meta, tt)
+                for f, tt in zip(out, tts)]
+
+    def _batched_features(self, alg: Algorithm, tts: Sequence[TaskTensors]) -> list[dict]:
+        sx = torch.stack([t.support_x for t in tts])
+        sy = torch.stack([t.support_y for t in tts])
+        kind, n_way = tts[0].kind, tts[0].n_way
+        meta = self.meta
+
+        def one(x, y):
+            t = TaskTensors(x, y, x, None, kind, n_way)
+            return alg.support_loss(meta, alg.start(meta, t), t)
+
+        with torch.no_grad():
+            losses = torch.func.vmap(one)(sx, sy).tolist()
+        feats = []
+        for tt, loss in zip(tts, losses):
+            n = int(tt.support_x.shape[0])
+            if tt.kind == CLASSIFICATION:
+                scale, shots, nw = math.log(max(int(tt.n_way), 2)), n / int(tt.n_way), float(tt.n_way)
+            else:
+                scale, shots, nw = (float(tt.support_y.float().var(unbiased=False)) if n > 1 else 1.0), n, 0.0
+            norm = loss / max(scale, 1e-6) if math.isfinite(loss) else math.inf
+            feats.append({"n_support": float(n), "n_way": nw, "shots": float(shots),
+                          "n_query": float(tt.query_x.shape[0]), "init_loss": loss, "norm_init_loss": norm})
+        return feats
+
+    def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float) -> Outcome:
+        m = self.metrics
+        difficulty = self.difficulty.update(feats["norm_init_loss"])
+        feats = dict(feats, difficulty=difficulty)
+        arm = self.policy.choose(feats)
+        alg, arm_cfg = self.algorithms[arm], self.config.agent.arms[arm]
+        if arm_cfg.budget == "adaptive":
+            choice = choose_budget(difficulty, self.levels, self.bucket.available())
+            budget, capped = choice.budget, choice.capped
+        else:
+            budget, capped = self.levels[min(int(arm_cfg.budget), len(self.levels) - 1)], False
+        flags = ["budget_capped"] if capped else []
+        if capped:
+            m.budget_capped.inc()
+
+        embedding, neighbours = None, []
+        if self.memory is not None:
+            embedding = task_embedding(alg, self.meta, tt, projection=self.projection)
+            if not np.isfinite(embedding).all() or not np.any(embedding):
+                embedding = None
+            elif len(self.memory) and budget.members > 1:
+                t0 = time.perf_counter()
+                neighbours = self.memory.query(embedding, self.config.memory.k)
+                m.memory_retrieval_seconds.observe(time.perf_counter() - t0)
+
+        cc = self.config.compute
+        guard = {"patience": cc.patience, "max_backtracks": cc.max_backtracks}
+        t0 = time.perf_counter()
+        inits = [None] + self._inits(alg, neighbours, budget.members - 1) if alg.iterative else [None]
+        if len(inits) > 1:
+            res = ensemble_predict(alg, self.meta, tt, inits, max_steps=budget.steps, holdout=cc.holdout,
+                                   generator=self.generator, **guard)
+            state, out, conf = res.members[res.best], res.prediction, res.confidence
+            steps, diverged = res.step_calls, any(tr.diverged for tr in res.traces)
+            members = len(inits)
+            m.memory_hits.inc(len(inits) - 1)
+            flags.append("ensemble")
+        else:
+            state, trace = guarded_adapt(alg, self.meta, tt, budget.steps, **guard)
+            with torch.no_grad():
+                out = alg.predict(self.meta, state, tt.query_x).double()
+            if tt.kind == CLASSIFICATION:
+                out = torch.softmax(out[..., : int(tt.n_way)], dim=-1)
+                conf = out.max(dim=-1).values
+            else:
+                conf = None
+            steps, diverged, members = trace.step_calls, trace.diverged, 1
+            if trace.backtracks:
+                flags.append("backtracked")
+        adapt_s = time.perf_counter() - t0
+        self.bucket.take(steps)
+
+        if tt.kind == CLASSIFICATION:
+            predictions = out.argmax(dim=-1).numpy()
+        else:
+            predictions = out.reshape(out.shape[0], *task.support_y.shape[1:]).numpy() if task.support_y.ndim > 1 \
+                else out.reshape(-1).numpy()
+        finite = bool(np.isfinite(out.numpy()).all())
+        if diverged:
+            flags.append("diverged")
+        if not finite:
+            flags.append("nonfinite")
+        p_fail = difficulty
+        latency = time.perf_counter() - received
+        outcome = Outcome(task.id, predictions, None if conf is None else conf.numpy(), alg.name, budget.to_dict(),
+                          steps, p_fail, tuple(flags), latency * 1000.0)
+
+        self.counters["tasks"] += 1
+        m.tasks.labels(algorithm=alg.name, outcome="answered" if finite and not diverged else "diverged").inc()
+        m.adapt_seconds.labels(algorithm=alg.name).observe(adapt_s)
+        m.task_seconds.labels(algorithm=alg.name).observe(latency)
+        m.inner_steps.labels(algorithm=alg.name).observe(steps)
+        m.ensemble_members.observe(members)
+        m.budget_tokens.set(self.bucket.available())
+        m.p_fail.observe(p_fail)
+
+        entry = _Pending(task, arm, feats, predictions, budget.to_dict(), embedding, self._compact(state),
+                         self.clock())
+        if task.query_y is not None:
+            self._learn(task, tt, entry)
+        else:
+            self._expire()
+            self.pending[task.id] = entry
+            while len(self.pending) > self.config.limits.pending_max:
+                self.pending.popitem(last=False)
+                self._expired("capacity")
+            m.feedback_pending.set(len(self.pending))
+        return outcome
+
+    def _inits(self, alg: Algorithm, neighbours, n: int) -> list[dict]:
+        """Warm starts from memory: the meta-parameters plus each neighbour's stored delta."""
+        out = []
+        for entry, _sim in neighbours:
+            if len(out) >= n:
+                break
+            if entry.algorithm != alg.name or not entry.state:
+                continue
+            init = {}
+            for k, v in entry.state.items():
+                ref = self.meta.get("params." + k)
+                if ref is None or tuple(ref.shape) != tuple(v.shape):
+                    init = None
+                    break
+                init[k] = ref.detach() + torch.as_tensor(v, dtype=ref.dtype)
+            if init:
+                out.append(init)
+        return out
+
+    def _compact(self, state) -> dict[str, torch.Tensor]:
+        """What memory keeps of an adapted state: the change of the head (or of every parameter)."""
+        keep_all = self.config.memory.state == "full"
+        out = {}
+        for k, v in state.params.items():
+            if not (keep_all or k.startswith("head.")):
+                continue
+            ref = self.meta.get("params." + k)
+            if ref is not None and ref.shape == v.shape:
+                out[k] = (v.detach() - ref.detach()).clone()
+        return out
+
+    # -- internals: learning -------------------------------------------------------------------
+    def _learn(self, task: Task, tt: TaskTensors, entry: _Pending) -> dict:
+        m, alg = self.metrics, self.algorithms[entry.arm]
+        score = _score(task, entry.predictions, self.config.online.fail_threshold)
+        self.counters["labelled"] += 1
+        m.labelled.labels(algorithm=alg.name).inc()
+        if "accuracy" in score:
+            m.query_accuracy.labels(algorithm=alg.name).observe(score["accuracy"])
+            quality = score["accuracy"]
+        else:
+            if math.isfinite(score["mse"]):
+                m.query_mse.labels(algorithm=alg.name).observe(score["mse"])
+            quality = -score["mse"]
+        self.quality_name = "accuracy" if "accuracy" in score else "mse"
+        self.recent.append(score.get("accuracy", score.get("mse")))
+        del self.recent[:-200]
+        if score["failed"]:
+            self.counters["failures"] += 1
+            m.failures.labels(algorithm=alg.name).inc()
+        self.policy.learn(entry.features, entry.arm, score["reward"])
+        if self.memory is not None and entry.embedding is not None and math.isfinite(quality):
+            self.memory.add(MemoryEntry(task.id, entry.embedding, {k: v.numpy() for k, v in entry.state.items()},
+                                        alg.name, entry.budget, quality, bool(score["failed"]), timestamp=time.time()))
+            m.memory_entries.set(len(self.memory))
+            m.memory_bytes.set(self.memory.nbytes)
+        if self.config.online.enabled:
+            self._online_batch.append(tt)
+            if len(self._online_batch) >= self.config.online.every:
+                self._online_update()
+        out = {"id": task.id, "failed": bool(score["failed"])}
+        out.update({k: score[k] for k in ("accuracy", "mse") if k in score})
+        return out
+
+    def _new_optimizer(self) -> None:
+        self.optimizer = torch.optim.Adam([self.meta[k] for k in self._trainable], lr=self.config.online.lr)
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.meta.items()}
+
+    def _rollback(self, reason: str) -> None:
+        with torch.no_grad():
+            for k, v in self._last_good.items():
+                self.meta[k].copy_(v)
+        self._new_optimizer()  # Adam's moments may hold the fault
+        self.counters["rollbacks"] += 1
+        self.metrics.online_rollbacks.labels(reason=reason).inc()
+        log.warning("online meta-update rolled back (%s)", reason)
+
+    def _online_update(self) -> None:
+        """One FTML-style outer step on the new labelled tasks plus a replay sample.
+
+        Boundary-blind: no task family or drift signal is used. A non-finite loss, an exploding
+        gradient or non-finite parameters roll back to the last good meta-parameters, and the
+        offending tasks are not kept for replay.
+        """
+        oc = self.config.online
+        new, self._online_batch = self._online_batch, []
+        batch = list(new)
+        if self.replay and oc.replay:
+            idx = self.rng.choice(len(self.replay), size=min(oc.replay, len(self.replay)), replace=False)
+            batch += [self.replay[i] for i in idx]
+        try:
+            loss, grads = self.learner.meta_gradient(self.meta, batch)
+        except (RuntimeError, ValueError) as e:  # numerical trouble inside autograd
+            log.warning("online meta-gradient failed: %s", e)
+            self._rollback("nonfinite_loss")
+            return
+        self.metrics.online_loss.set(loss if math.isfinite(loss) else float("nan"))
+        if not math.isfinite(loss):
+            return self._rollback("nonfinite_loss")
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+        if not math.isfinite(norm) or norm > oc.max_grad_norm:
+            return self._rollback("grad_norm")
+        scale = min(1.0, oc.clip / (norm + 1e-12)) if oc.clip else 1.0
+        for k in self._trainable:
+            g = grads.get(k)
+            self.meta[k].grad = None if g is None else (g * scale).to(self.meta[k].dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not all(bool(torch.isfinite(self.meta[k]).all()) for k in self._trainable):
+            return self._rollback("nonfinite_params")
+        self._last_good = self._snapshot()
+        self.counters["online_updates"] += 1
+        self.metrics.online_updates.inc()
+        for tt in new:  # reservoir sampling keeps a uniform sample of the labelled stream
+            self.replay_seen += 1
+            if len(self.replay) < oc.replay_capacity:
+                self.replay.append(tt)
+            else:
+                j = int(self.rng.integers(0, self.replay_seen))
+                if j < oc.replay_capacity:
+                    self.replay[j] = tt
+
+    def _expire(self) -> None:
+        ttl, now = self.config.limits.pending_ttl_s, self.clock()
+        while self.pending:
+            first = next(iter(self.pending.values()))
+            if now - first.created < ttl:
+                break
+            self.pending.popitem(last=False)
+            self._expired("ttl")
+        self.metrics.feedback_pending.set(len(self.pending))
+
+    def _expired(self, reason: str) -> None:
+        self.counters["expired"] += 1
+        self.metrics.feedback_expired.labels(reason=reason).inc()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_files(self, stream: Mapping | None = None) -> dict[str, Any]:
+        """The checkpoint's files (see :meth:`save`)."""
+        now = self.clock()
+        pending_meta, pending_tensors = [], {}
+        for i, (tid, p) in enumerate(self.pending.items()):
+            pending_meta.append({"task": p.task.to_dict(), "arm": p.arm, "features": p.features,
+                                 "predictions": np.asarray(p.predictions).tolist(), "budget": p.budget,
+                                 "age_s": now - p.created})
+            pending_tensors[str(i)] = {"state": p.state, "embedding": None if p.embedding is None
+                                       else torch.from_numpy(np.array(p.embedding))}
+        files: dict[str, Any] = {
+            "meta.pt": self._snapshot(),
+            "online.pt": {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                          "replay": [_tt_dict(t) for t in self.replay]},
+            "pending.pt": pending_tensors,
+            "pending.json": pending_meta,
+            "state.json": {
+                "config": self.config.to_dict(), "counters": dict(self.counters),
+                "seen_ids": list(self.seen._ids), "bucket": self.bucket.state_dict(),
+                "policy": self.policy.state_dict(), "difficulty": self.difficulty.state_dict(),
+                "rng": self.rng.bit_generator.state, "replay_seen": self.replay_seen,
+                "stream": dict(stream or {}), "saved_at": time.time(),
+            },
+        }
+        if self.memory is not None:
+            state = self.memory.state_dict()
+            buf = io.BytesIO()
+            blob = np.frombuffer(json.dumps(state["meta"]).encode(), dtype=np.uint8)
+            np.savez(buf, __meta__=blob, **state["arrays"])
+            files["memory.npz"] = buf.getvalue()
+        return files
+
+    def save(self, directory: str | Path, *, stream: Mapping | None = None, keep: int | None = None) -> Path:
+        """Write a checkpoint under ``directory`` atomically (see :mod:`agent.checkpoint`).
+
+        Files: ``meta.pt`` (meta-parameters; ``torch.load(weights_only=True)``), ``online.pt``
+        (Adam state, generator state, replay tasks), ``memory.npz`` (the memory bank, no pickle),
+        ``pending.json`` + ``pending.pt`` (tasks awaiting feedback), ``state.json`` (config,
+        counters, answered ids, token bucket, policy, difficulty statistics, RNG state, and
+        ``stream``: source positions and the sink offset the caller passes).
+        """
+        t0 = time.perf_counter()
+        try:
+            step = self.counters["records"]
+            path = ckpt.save(directory, step, self.state_files(stream), keep=keep or self.config.checkpoint.keep,
+                             meta={"kind": "agent", "tasks": self.counters["tasks"]})
+        except Exception:
+            self.metrics.checkpoint_failures.inc()
+            raise
+        self.counters["checkpoints"] += 1
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
+        self.metrics.checkpoint_last_success.set(time.time())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, **kwargs) -> "Agent":
+        """An agent from a checkpoint (a checkpoint dir, or a dir of them: the newest good one)."""
+        found = ckpt.resolve(directory)
+        state = found.load("state.json")
+        agent = cls(Config.from_dict(state["config"]), **kwargs)
+        agent._restore(found, state)
+        return agent
+
+    def _restore(self, found: ckpt.Checkpoint, state: dict) -> None:
+        stored = found.load("meta.pt")
+        with torch.no_grad():
+            for k, v in stored.items():
+                if k in self.meta:
+                    self.meta[k].copy_(v)
+        online = found.load("online.pt")
+        self._new_optimizer()
+        self.optimizer.load_state_dict(online["optimizer"])
+        self.generator.set_state(online["generator"])
+        self.replay = [_tt_from(d) for d in online["replay"]]
+        self._last_good = self._snapshot()
+        self.counters.update(state["counters"])
+        self.seen = IdRegistry(self.config.limits.seen_ids, state["seen_ids"])
+        self.bucket = TokenBucket.from_state_dict(state["bucket"], clock=self.clock)
+        self.policy.load_state_dict(state["policy"])
+        self.difficulty.load_state_dict(state["difficulty"])
+        self.rng.bit_generator.state = state["rng"]
+        self.replay_seen = int(state["replay_seen"])
+        self.stream_state = state.get("stream", {})
+        if self.memory is not None and "memory.npz" in found:
+            with np.load(io.BytesIO(found.load("memory.npz")), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+            self.memory = MemoryBank.from_state_dict({"meta": meta, "arrays": arrays})
+            self.metrics.memory_entries.set(len(self.memory))
+            self.metrics.memory_bytes.set(self.memory.nbytes)
+        now = self.clock()
+        tensors = found.load("pending.pt")
+        from agent.task import task_from_dict
+        for i, p in enumerate(found.load("pending.json")):
+            t = tensors[str(i)]
+            emb = t["embedding"]
+            self.pending[p["task"]["id"]] = _Pending(
+                task_from_dict(p["task"], limits=self.limits), p["arm"], p["features"], np.asarray(p["predictions"]),
+                p["budget"], None if emb is None else emb.numpy(), t["state"], now - float(p["age_s"]))
+        self.metrics.feedback_pending.set(len(self.pending))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, source, sink, *, stop: threading.Event | None = None, feedback_source=None,
+            checkpoint_dir: str | Path | None = None, checkpoint_every_s: float | None = None,
+            checkpoint_every_tasks: int | None = None, max_tasks: int | None = None,
+            poll_timeout: float = 0.2, on_progress: Callable[["Agent", RunStats], None] | None = None,
+            progress_every_s: float = 1.0) -> RunStats:
+        """Poll ``source``, answer micro-batches, write answers to ``sink``, acknowledge.
+
+        A record is acknowledged only after its answers are written, and checkpoints record the
+        acknowledged source position with the sink's offset, so a restart from any checkpoint
+        loses no answered task and (with a file sink) writes no id twice. Returns when the
+        source is exhausted (read-once sources), ``max_tasks`` tasks were answered, or ``stop``
+        is set (the current micro-batch is finished first); a final checkpoint is written when
+        ``checkpoint_dir`` is given.
+        """
+        stop = stop or threading.Event()
+        cc = self.config.checkpoint
+        every_s = cc.every_s if checkpoint_every_s is None else checkpoint_every_s
+        every_tasks = cc.every_tasks if checkpoint_every_tasks is None else checkpoint_every_tasks
+        stats = RunStats()
+        last_ckpt = last_progress = time.monotonic()
+        tasks_at_ckpt = 0
+        micro = self.config.agent.micro_batch
+        self.metrics.state.state("running")
+
+        def stream_state():
+            s = {"source": source.position(), "sink_offset": sink.offset() if hasattr(sink, "offset") else None}
+            if feedback_source is not None:
+                s["feedback"] = feedback_source.position()
+            return s
+
+        def handle(src, records):
+            for start in range(0, len(records), micro):
+                chunk = records[start:start + micro]
+                plain = [r for r in chunk if not r.oversized]
+                answers = iter(self.handle_records([r.data for r in plain]))
+                for r in chunk:
+                    outs = [self.error_for_oversized(r.size)] if r.oversized else next(answers)
+                    for d in outs:
+                        stats.written += bool(sink.write(d))
+                        if "error" in d:
+                            stats.errors += 1
+                        elif "predictions" in d:
+                            stats.tasks += 1
+                    if not outs:
+                        stats.feedback += 1
+                    stats.records += 1
+                    src.ack(r.position)
+                if stop.is_set() or (max_tasks is not None and stats.tasks + stats.errors >= max_tasks):
+                    return False
+            return True
+
+        try:
+            while True:
+                if stop.is_set():
+                    stats.reason = "stopped"
+                    break
+                if max_tasks is not None and stats.tasks + stats.errors >= max_tasks:
+                    stats.reason = "max_tasks"
+                    break
+                got = False
+                if feedback_source is not None and not feedback_source.exhausted:
+                    fb = feedback_source.poll(0.0)
+                    got = bool(fb)
+                    if fb and not handle(feedback_source, fb):
+                        continue
+                records = source.poll(0.0 if got else poll_timeout) if not source.exhausted else []
+                if records:
+                    got = True
+                    if max_tasks is not None:
+                        records = records[: max(0, max_tasks - stats.tasks - stats.errors) or len(records)]
+                    handle(source, records)
+                elif source.exhausted and (feedback_source is None or feedback_source.exhausted):
+                    stats.reason = "exhausted"
+                    break
+                now = time.monotonic()
+                if checkpoint_dir is not None and (now - last_ckpt >= every_s or
+                                                   (every_tasks and stats.tasks - tasks_at_ckpt >= every_tasks)):
+                    self._checkpoint(checkpoint_dir, stream_state())
+                    stats.checkpoints += 1
+                    last_ckpt, tasks_at_ckpt = now, stats.tasks
+                if on_progress is not None and now - last_progress >= progress_every_s:
+                    on_progress(self, stats)
+                    last_progress = now
+        finally:
+            self.metrics.state.state("draining")
+            if checkpoint_dir is not None:
+                self._checkpoint(checkpoint_dir, stream_state())
+                stats.checkpoints += 1
+            if on_progress is not None:
+                on_progress(self, stats)
+            self.metrics.state.state("stopped")
+        return stats
+
+    def _checkpoint(self, directory, stream) -> None:
+        try:
+            self.save(directory, stream=stream)
+        except Exception:  # noqa: BLE001 - a failed checkpoint is counted; the stream goes on
+            log.exception("checkpoint failed")
+
+    def summary(self) -> dict[str, Any]:
+        """Counters and the mean recent quality, for progress lines."""
+        s = dict(self.counters)
+        s["memory"] = len(self.memory) if self.memory is not None else 0
+        s["pending"] = len(self.pending)
+        finite = [v for v in self.recent if math.isfinite(v)]
+        s["recent_quality"] = float(np.mean(finite)) if finite else None
+        s["quality_name"] = self.quality_name
+        return s
+
+
+def _tt_dict(t: TaskTensors) -> dict:
+    return {"support_x": t.support_x, "support_y": t.support_y, "query_x": t.query_x, "query_y": t.query_y,
+            "kind": t.kind, "n_way": t.n_way}
+
+
+def _tt_from(d: Mapping) -> TaskTensors:
+    return TaskTensors(d["support_x"], d["support_y"], d["query_x"], d["query_y"], d["kind"], d["n_way"])
