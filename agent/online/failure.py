@@ -250,7 +250,13 @@ class FailurePredictor:
         if self.n_learned[stage] == 0:
             return self.prior
         proba = model.predict_proba_one(dict(x))
-        p = proba.get(True, self.prior) if proba else self.prior
+        # tree/forest models return {} at cold start and {False: 1.0} after only successes
+        if True in proba:
+            p = float(proba[True])
+        elif False in proba:
+            p = 1.0 - float(proba[False])
+        else:
+            p = proba.get(True, self.prior)
         p = float(p)
         return p if math.isfinite(p) else self.prior
 
