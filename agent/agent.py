@@ -64,7 +64,7 @@ from agent.compute import BudgetLevels, TokenBucket, choose_budget, ensemble_pre
 from agent.config import Config, load as load_config
 from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
 from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
-from agent.task import (BAD_TARGET_SHAPE, CLASSIFICATION, DIM_MISMATCH, TOO_LARGE, Feedback, IdRegistry, Limits,
+from agent.task import (BAD_TARGET_SHAPE, CLASSIFICATION, DIM_MISMATCH, DUPLICATE_ID, TOO_LARGE, Feedback, IdRegistry, Limits,
                         Outcome, Task, TaskError, error_record, parse_record)
 
 __all__ = ["Agent", "Policy", "Difficulty", "task_features", "RunStats"]
@@ -347,13 +347,33 @@ class Agent:
     def step_many(self, tasks: Sequence[Task], *, received: float | None = None) -> list[Outcome]:
         """Answer several waiting tasks (a micro-batch); the same results as stepping each.
 
-        Tasks are checked first, so one that does not fit raises before any is answered. The
-        tasks' initial losses are computed in one vmapped call when the model allows it.
+        Tasks are checked first (ids not seen before, shapes that fit the model), so one that
+        does not fit raises :class:`~agent.task.TaskError` before any is answered. The tasks'
+        initial losses are computed in one vmapped call when the model allows it.
         """
+        added = []
+        try:
+            for t in tasks:
+                if not self.seen.add(t.id):
+                    e = TaskError(DUPLICATE_ID, "id", f"task {t.id!r} was already seen")
+                    e.record_id = t.id
+                    raise e
+                added.append(t.id)
+            return self._step_batch(tasks, received)
+        except TaskError:
+            for tid in added:
+                self.seen.discard(tid)
+            raise
+
+    def _step_batch(self, tasks: Sequence[Task], received: float | None) -> list[Outcome]:
         received = time.perf_counter() if received is None else received
+        prepared = self._prepare(tasks)
+        return [self._answer(t, tt, f, received) for t, (tt, f) in zip(tasks, prepared)]
+
+    def _prepare(self, tasks: Sequence[Task]) -> list[tuple[TaskTensors, dict]]:
+        """Checks and features; changes no state, so a failure here leaves the agent as it was."""
         tts = [self._check(t) for t in tasks]
-        feats = self._features(tts)
-        return [self._answer(t, tt, f, received) for t, tt, f in zip(tasks, tts, feats)]
+        return list(zip(tts, self._features(tts)))
 
     def feedback(self, task_id: str, y: Any) -> dict | None:
         """Labels for a task answered earlier: score it and learn from it.
@@ -392,13 +412,14 @@ class Agent:
             if not batch:
                 return
             try:
-                outcomes = self.step_many([t for _, t in batch], received=received)
-            except TaskError:  # one did not fit: answer them one by one
-                for i, t in batch:
-                    out[i] = self._guarded(lambda t=t: [self.step(t, received=received).to_dict()], t.id)
-            else:
-                for (i, _), o in zip(batch, outcomes):
-                    out[i] = [o.to_dict()]
+                prepared = self._prepare([t for _, t in batch])  # ids were registered by the parser
+            except Exception:  # noqa: BLE001 - one did not fit: prepare them one by one
+                prepared = [None] * len(batch)
+            for (i, t), p in zip(batch, prepared):
+                if p is None:
+                    out[i] = self._guarded(lambda t=t: [self._step_batch([t], received)[0].to_dict()], t.id)
+                else:
+                    out[i] = self._guarded(lambda t=t, p=p: [self._answer(t, p[0], p[1], received).to_dict()], t.id)
             batch.clear()
 
         for i, line in enumerate(lines):

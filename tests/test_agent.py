@@ -1,0 +1,221 @@
+"""The embedded Agent: the README loop, bad input, delayed feedback, checkpoints, online learning."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agent.agent import Agent, Difficulty, Policy
+from agent.task import Task, to_wire
+
+SMALL = {"model": {"arch": "mlp", "hidden": [16, 16]},
+         "agent": {"in_shape": [1], "out_dim": 1},
+         "compute": {"levels": [[1, 1], [3, 1], [5, 2]]},
+         "memory": {"capacity": 100}}
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def sine_task(rng, i, labels=True, k=10, q=10):
+    a, phase = rng.uniform(0.1, 5.0), rng.uniform(0, np.pi)
+    x, xq = rng.uniform(-5, 5, (k, 1)), rng.uniform(-5, 5, (q, 1))
+    return Task(f"t-{i:05d}", "regression", x, a * np.sin(x - phase), xq, a * np.sin(xq - phase) if labels else None)
+
+
+def line(task):
+    return json.dumps(to_wire(task)).encode()
+
+
+def test_readme_loop_embedded():
+    # The README example: a plain loop, labels arriving one task later.
+    agent = Agent.from_config(SMALL)
+    rng = np.random.default_rng(0)
+    previous = None
+    for i in range(20):
+        task = sine_task(rng, i, labels=False)
+        outcome = agent.step(task)
+        assert outcome.id == task.id and np.asarray(outcome.predictions).shape == (10, 1)
+        assert outcome.algorithm == "maml" and outcome.inner_steps >= 1 and 0 <= outcome.p_fail <= 1
+        json.loads(outcome.to_json())
+        if previous is not None:
+            score = agent.feedback(previous[0], previous[1])
+            assert score is not None and math.isfinite(score["mse"])
+        truth = task.query_x  # any float labels of the right shape
+        previous = (task.id, np.sin(truth))
+    assert agent.counters["labelled"] == 19 and len(agent.pending) == 1
+    assert len(agent.memory) == 19
+    assert agent.counters["online_updates"] == 19
+
+
+def test_bad_records_interleaved_do_not_touch_state():
+    rng = np.random.default_rng(1)
+    good = [sine_task(rng, i) for i in range(12)]
+    bad = [b'{"type": "task", "id": "x"', b"[1, 2]", json.dumps({"type": "task", "id": "b1", "kind": "regression",
+           "support": {"x": [[0.0], [1.0, 2.0]], "y": [0, 1]}, "query": {"x": [[0.0]]}}).encode(),
+           json.dumps({"type": "task", "id": "b2", "kind": "regression", "support": {"x": [[0.0, 1.0]], "y": [[1.0]]},
+                       "query": {"x": [[0.0, 1.0]]}}).encode(),  # fits the wire, not the model (2 inputs)
+           json.dumps({"type": "feedback", "id": "nobody", "y": [1.0]}).encode(),
+           line(good[0])]  # a duplicate id
+    clean, noisy = Agent.from_config(SMALL, clock=FakeClock()), Agent.from_config(SMALL, clock=FakeClock())
+    clean_out = [clean.handle_line(line(t))[0] for t in good]
+    noisy_out, errors = [], []
+    for i, t in enumerate(good):
+        noisy_out += noisy.handle_line(line(t))
+        if i < len(bad) and i > 0:
+            errors += noisy.handle_line(bad[i - 1])
+    errors += noisy.handle_line(bad[-1])
+    codes = [e["error"]["code"] for e in errors if "error" in e]
+    assert codes == ["bad_json", "bad_json", "ragged_array", "dim_mismatch", "duplicate_id"]
+    assert [e["id"] for e in errors if "error" in e][2:] == ["b1", "b2", good[0].id]
+    for a, b in zip(clean_out, noisy_out):
+        assert a["id"] == b["id"]
+        np.testing.assert_allclose(a["predictions"], b["predictions"], rtol=1e-5, atol=1e-6)
+    reg = noisy.registry
+    assert reg.get_sample_value("metaagent_input_errors_total", {"code": "bad_json"}) == 2
+    assert reg.get_sample_value("metaagent_input_errors_total", {"code": "dim_mismatch"}) == 1
+    assert reg.get_sample_value("metaagent_feedback_unmatched_total") == 1
+    for k in clean.meta:
+        torch.testing.assert_close(clean.meta[k], noisy.meta[k])
+    # b2 was rejected by the model check: its id is free again
+    assert "b2" not in noisy.seen
+
+
+def test_delayed_feedback_join_ttl_and_capacity():
+    clock = FakeClock()
+    agent = Agent.from_config({**SMALL, "limits": {"pending_ttl_s": 10.0, "pending_max": 3}}, clock=clock)
+    rng = np.random.default_rng(2)
+    tasks = [sine_task(rng, i, labels=False) for i in range(6)]
+    for t in tasks[:2]:
+        agent.step(t)
+    clock.now = 5.0
+    agent.step(tasks[2])
+    assert agent.feedback(tasks[0].id, np.zeros((10, 1)))["id"] == tasks[0].id
+    assert agent.feedback(tasks[0].id, np.zeros((10, 1))) is None  # already joined
+    clock.now = 12.0  # tasks[1] (t=0) is past its TTL; tasks[2] (t=5) is not
+    assert agent.feedback(tasks[1].id, np.zeros((10, 1))) is None
+    assert agent.feedback(tasks[2].id, np.zeros((10, 1))) is not None
+    for t in tasks[3:]:
+        agent.step(t)
+    agent.step(sine_task(rng, 99, labels=False))  # 4 pending > pending_max=3: the oldest goes
+    reg = agent.registry
+    assert reg.get_sample_value("metaagent_feedback_expired_total", {"reason": "ttl"}) == 1
+    assert reg.get_sample_value("metaagent_feedback_expired_total", {"reason": "capacity"}) == 1
+    assert reg.get_sample_value("metaagent_feedback_joined_total") == 2
+    assert reg.get_sample_value("metaagent_feedback_unmatched_total") == 2
+    assert reg.get_sample_value("metaagent_feedback_pending") == 3
+    # labels that do not fit are an error, and the task stays pending
+    from agent.task import TaskError
+    with pytest.raises(TaskError):
+        agent.feedback(tasks[5].id, np.zeros((3, 1)))
+    assert tasks[5].id in agent.pending
+
+
+def test_save_load_round_trip_gives_identical_predictions(tmp_path):
+    cfg = {**SMALL, "compute": {"levels": [[1, 1], [3, 1], [5, 2]]}}
+    clock = FakeClock()
+    agent = Agent.from_config(cfg, clock=clock)
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        agent.step(sine_task(rng, i, labels=i % 3 != 0))
+    path = agent.save(tmp_path / "ckpt", stream={"source": {"offset": 123}})
+    assert {"meta.pt", "online.pt", "memory.npz", "pending.json", "pending.pt", "state.json"} <= set(
+        p.name for p in path.iterdir())
+    torch.load(path / "meta.pt", weights_only=True)
+    torch.load(path / "online.pt", weights_only=True)
+    clone = Agent.load(tmp_path / "ckpt", clock=FakeClock())
+    assert clone.stream_state["source"] == {"offset": 123}
+    assert list(clone.pending) == list(agent.pending) and len(clone.memory) == len(agent.memory)
+    later = [sine_task(rng, 100 + i, labels=i % 2 == 0) for i in range(15)]
+    for t in later:
+        a, b = agent.step(t), clone.step(t)
+        np.testing.assert_array_equal(np.asarray(a.predictions), np.asarray(b.predictions))
+        assert a.budget == b.budget and a.flags == b.flags
+    pid = next(iter(agent.pending))
+    assert agent.feedback(pid, np.zeros((10, 1))) == clone.feedback(pid, np.zeros((10, 1)))
+
+
+def test_online_meta_learning_reduces_error_on_a_stationary_stream():
+    agent = Agent.from_config({**SMALL, "online": {"lr": 0.003}, "memory": {"enabled": False}})
+    rng = np.random.default_rng(4)
+    mse = []
+    for i in range(300):
+        t = sine_task(rng, i)
+        o = agent.step(t)
+        mse.append(float(np.mean((np.asarray(o.predictions) - t.query_y) ** 2)))
+    first, last = np.mean(mse[:75]), np.mean(mse[-75:])
+    assert last < 0.85 * first, (first, last)
+    assert agent.counters["online_updates"] == 300 and agent.counters["rollbacks"] == 0
+
+
+def test_nonfinite_loss_rolls_back_and_the_stream_goes_on():
+    agent = Agent.from_config(SMALL)
+    rng = np.random.default_rng(5)
+    for i in range(5):
+        agent.step(sine_task(rng, i))
+    before = {k: v.detach().clone() for k, v in agent.meta.items()}
+    x = rng.uniform(-5, 5, (10, 1))
+    huge = Task("poison", "regression", x, np.full((10, 1), 1e30), x, np.full((10, 1), 1e30))  # MSE overflows
+    out = agent.handle_line(line(huge))
+    assert "predictions" in out[0]
+    assert agent.registry.get_sample_value("metaagent_online_rollbacks_total", {"reason": "nonfinite_loss"}) == 1
+    for k, v in before.items():
+        torch.testing.assert_close(agent.meta[k], v)
+    assert all(not torch.equal(t.support_y, huge.to_tensors().support_y) for t in agent.replay)
+    for i in range(5):
+        o = agent.step(sine_task(rng, 10 + i))
+        assert np.isfinite(np.asarray(o.predictions)).all()
+    assert agent.counters["rollbacks"] == 1 and agent.counters["online_updates"] == 10
+
+
+def test_classification_tasks_and_micro_batch():
+    cfg = {"model": {"arch": "mlp", "hidden": [16]}, "agent": {"in_shape": [4], "out_dim": 5},
+           "compute": {"levels": [[1, 1], [3, 2]]}}
+    agent = Agent.from_config(cfg)
+    rng = np.random.default_rng(6)
+    lines = []
+    for i in range(10):
+        centers = rng.normal(0, 3, (3, 4))
+        y = np.repeat(np.arange(3), 4)
+        x = centers[y] + rng.normal(0, 0.5, (12, 4))
+        yq = np.arange(3).repeat(2)
+        lines.append(line(Task(f"c{i}", "classification", x, y, centers[yq] + rng.normal(0, 0.5, (6, 4)), yq)))
+    outs = agent.handle_records(lines)
+    for o in outs:
+        assert set(np.asarray(o[0]["predictions"]).tolist()) <= {0, 1, 2}
+        assert len(o[0]["confidence"]) == 6 and all(0 < c <= 1 for c in o[0]["confidence"])
+    assert agent.registry.get_sample_value("metaagent_labelled_tasks_total", {"algorithm": "maml"}) == 10
+    too_many = Task("c-big", "classification", rng.normal(size=(6, 4)), np.arange(6), rng.normal(size=(2, 4)))
+    assert agent.handle_line(line(too_many))[0]["error"]["code"] == "too_large"
+
+
+def test_policy_and_difficulty_are_small_pure_parts():
+    p = Policy(2, default=0, escalate=1, escalate_above=0.7)
+    assert p.choose({"difficulty": 0.69}) == 0 and p.choose({"difficulty": 0.7}) == 1
+    d = Difficulty(warmup=2)
+    assert d.update(1.0) == 0.5 and d.estimate(float("inf")) == 1.0
+
+
+def test_escalation_arm_and_fixed_budget():
+    cfg = {**SMALL, "agent": {"in_shape": [1], "out_dim": 1, "escalate_arm": 1, "escalate_above": 0.0,
+                              "arms": [{"algorithm": "maml"}, {"algorithm": "metasgd", "budget": 0}]}}
+    agent = Agent.from_config(cfg)
+    o = agent.step(sine_task(np.random.default_rng(7), 0))
+    assert o.algorithm == "metasgd" and o.budget == {"steps": 1, "members": 1}
+
+
+def test_ensemble_over_memory_neighbours():
+    agent = Agent.from_config({**SMALL, "compute": {"levels": [[3, 3]]}})
+    rng = np.random.default_rng(8)
+    outs = [agent.step(sine_task(rng, i)) for i in range(6)]
+    assert "ensemble" not in outs[0].flags  # empty memory: the meta-init alone
+    assert all("ensemble" in o.flags for o in outs[3:])
+    assert agent.registry.get_sample_value("metaagent_memory_hits_total") >= 6
+    assert agent.registry.get_sample_value("metaagent_memory_retrieval_duration_seconds_count") >= 3
