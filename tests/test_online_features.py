@@ -1,0 +1,104 @@
+"""Task features: stable keys, finiteness, meaning of the geometry and probe features, memory; doctests."""
+
+import doctest
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agent.algorithms import build
+from agent.algorithms.base import TaskTensors
+from agent.memory import MemoryBank, MemoryEntry, task_embedding
+from agent.nn.mlp import MLPFeatures
+from agent.nn.model import MetaModel
+from agent.online.features import PRE_KEYS, PROBE_KEYS, finite, pre_features, probe_features
+
+
+def _cls_task(sep, seed=0, ways=3, shots=5):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(ways).repeat_interleave(shots)
+    centres = torch.randn(ways, 4, generator=g) * sep
+    x = centres[y] + torch.randn(len(y), 4, generator=g)
+    return TaskTensors(x, y, x, None)
+
+
+def _alg(name="maml", out=3, din=4):
+    alg = build(name, MetaModel(MLPFeatures(din, (16,)), 16, out), inner_lr=0.1) if name != "protonet" else \
+        build(name, MetaModel(MLPFeatures(din, (16,)), 16, 0))
+    return alg, alg.init_meta(torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "protonet"])
+def test_keys_stable_and_finite(name):
+    alg, meta = _alg(name)
+    f = pre_features(alg, meta, _cls_task(2.0))
+    p = probe_features(alg, meta, _cls_task(2.0), steps=2)
+    assert tuple(f) == PRE_KEYS and tuple(p) == PROBE_KEYS
+    assert all(isinstance(v, float) and math.isfinite(v) for v in {**f, **p}.values())
+
+
+def test_separable_tasks_score_higher_geometry():
+    alg, meta = _alg()
+    easy = pre_features(alg, meta, _cls_task(6.0))
+    hard = pre_features(alg, meta, _cls_task(0.1))
+    assert easy["fisher_ratio"] > hard["fisher_ratio"] and easy["proto_margin"] > hard["proto_margin"]
+    assert probe_features(alg, meta, _cls_task(6.0))["loo_score"] > probe_features(alg, meta, _cls_task(0.1))["loo_score"]
+    imbalanced = TaskTensors(torch.randn(6, 4), torch.tensor([0, 0, 0, 0, 0, 1]), torch.randn(2, 4), None)
+    assert pre_features(alg, meta, imbalanced)["class_balance"] < 0.7
+
+
+def test_regression_probe_and_loo_proxy():
+    alg = build("maml", MetaModel(MLPFeatures(1, (32,)), 32, 1), inner_lr=0.01)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    x = torch.linspace(-3, 3, 20).unsqueeze(1)
+    smooth = TaskTensors(x, 0.5 * x, x, None, "regression")
+    noise = TaskTensors(x, torch.randn(20, 1, generator=torch.Generator().manual_seed(1)), x, None, "regression")
+    ps, pn = probe_features(alg, meta, smooth, steps=1), probe_features(alg, meta, noise, steps=1)
+    assert ps["loo_nmse"] < pn["loo_nmse"] and ps["loo_score"] > pn["loo_score"]
+    f = pre_features(alg, meta, smooth)
+    assert f["is_classification"] == 0.0 and f["ridge_r2"] > 0.5 and f["init_grad_norm"] > 0
+
+
+def test_nonfinite_meta_gives_sentinels_and_flag():
+    alg, meta = _alg()
+    bad = {k: v * float("nan") if v.is_floating_point() else v for k, v in meta.items()}
+    f = pre_features(alg, bad, _cls_task(2.0))
+    p = probe_features(alg, bad, _cls_task(2.0))
+    assert f["nonfinite"] > 0 and p["probe_nonfinite"] > 0
+    assert all(math.isfinite(v) for v in {**f, **p}.values())
+    assert finite({"x": float("inf"), "y": -1e9}) == {"x": 0.0, "y": -1e6, "nonfinite": 1.0}
+
+
+def test_memory_neighbours_and_outcomes():
+    alg, meta = _alg()
+    task = _cls_task(2.0)
+    emb = task_embedding(alg, meta, task)
+    bank = MemoryBank(capacity=8, dim=emb.shape[0], rng=np.random.default_rng(0))
+    bank.add(MemoryEntry("same", emb, quality=0.4, failed=True))
+    bank.add(MemoryEntry("far", -emb, quality=0.9, failed=False))
+    bank.add(MemoryEntry("unknown", emb * 0.9 + 0.1))
+    f = pre_features(alg, meta, task, bank, k=2)
+    assert f["mem_size"] == 3.0 and f["mem_sim_max"] == pytest.approx(1.0, abs=1e-5)
+    assert f["mem_quality_mean"] == pytest.approx(0.4) and f["mem_fail_rate"] == 1.0 and f["mem_missing"] == 0.0
+    empty = pre_features(alg, meta, task, MemoryBank(capacity=2, dim=emb.shape[0]))
+    assert empty["mem_missing"] == 1.0 and empty["mem_size"] == 0.0
+
+
+@pytest.mark.parametrize("module", ["__init__", "features", "failure", "selector", "drift", "experiments", "persist"])
+def test_online_doctests(module):
+    mod = importlib.import_module("agent.online" if module == "__init__" else f"agent.online.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+
+
+def test_import_is_silent():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", "import agent.online.features, agent.online.failure, agent.online.selector, "
+                          "agent.online.drift, agent.online.experiments, agent.online.persist"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout == "" and out.stderr == ""
