@@ -127,3 +127,13 @@ def test_spool_dir_reads_on_while_a_finished_file_awaits_acknowledgement(tmp_pat
     assert not (spool / "done" / "a.jsonl").exists()  # read, not yet answered
     source.ack(records[1].position)  # answering b implies a was answered before it
     assert sorted(p.name for p in (spool / "done").iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_sink_cuts_a_torn_last_line_left_by_a_crash(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "a", "predictions": [1]}\n{"id": "b", "predic')
+    sink = JsonlSink(out, resume_offset=0)
+    sink.write({"id": "c", "predictions": [3]})
+    sink.close()
+    lines = out.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["a", "c"]

@@ -57,6 +57,32 @@ class RecentIds:
         return out
 
 
+def _drop_torn_last_line(path: Path) -> None:
+    """Cut a last line that has no newline: a process killed mid-write left it half written.
+
+    Appending after it would glue the next answer onto the fragment and corrupt both lines.
+    """
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        end = size
+        while end > 0:  # scan back in blocks for the last complete line
+            start = max(0, end - 65536)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                f.truncate(start + newline + 1)
+                return
+            end = start
+        f.truncate(0)
+
+
 class JsonlSink:
     """Answers as JSON Lines, to ``path`` (appended) or a text ``stream`` (stdout by default).
 
@@ -80,6 +106,7 @@ class JsonlSink:
         self.written = RecentIds(max_ids)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_torn_last_line(self.path)
             if resume_offset is not None and self.path.exists():
                 self._read_back(resume_offset)
             self._stream: TextIO = open(self.path, "a", encoding="utf-8")
