@@ -20,3 +20,9 @@ def test_ci_runs_the_readme_test_command():
     bash_blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
     test_command = next(line for block in bash_blocks for line in block.splitlines() if "pytest" in line)
     assert test_command.strip() in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_config_reference_is_current():
+    from agent.configdoc import readme_block
+
+    assert readme_block() in README, "regenerate: python -c 'from agent.configdoc import readme_block; print(readme_block())'"
