@@ -148,7 +148,8 @@ def rows() -> list[tuple[str, list[dict]]]:
                 thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")], decimals=2,
                 desc="Rejected records / all task records, over the rate window. Alert above 5%."),
             stat("Diverged ratio", targets(
-                (rate("metaagent_tasks_total", DIVERGED) + " / " + rate("metaagent_tasks_total", ALG), "diverged")), "percentunit", w=4,
+                (rate("metaagent_tasks_total", DIVERGED) + " / " + rate("metaagent_tasks_total", ALG), "diverged")),
+                "percentunit", w=4,
                 thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")], decimals=2,
                 desc="Share of tasks whose adaptation diverged (answered from the unadapted model)."),
             timeseries("Delayed feedback", targets(
