@@ -120,6 +120,8 @@ def _num(v: float, metric: str = "") -> str:
     a = abs(v)
     if a == 0:
         return "0"
+    if float(v).is_integer() and a < 1e6:
+        return str(int(v))
     if a >= 100:
         return f"{v:.0f}"
     if a >= 0.01:
@@ -143,6 +145,11 @@ def _p(p: float) -> str:
 
 def _pct(lo_hi: tuple[float, float]) -> str:
     return f"[{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]"
+
+
+def _diff_unit(metric: str) -> str:
+    """Unit of a difference: percentage points for accuracy."""
+    return " pp" if metric.startswith("accuracy") else ""
 
 
 def _metric_label(metric: str) -> str:
@@ -432,6 +439,9 @@ def _quality_tables(run: Run) -> list[Section]:
             s.text.append(NO_LABELS)
         return [pre, fam, after, rec]
     pre_rows, fam_rows, after_rows, rec_rows = [], [], [], []
+    if run.n_nonfinite_quality:
+        pre.text.append(f"{run.n_nonfinite_quality} task(s) scored a non-finite quality (diverged: infinite MSE); "
+                        "they are left out of every mean and interval below but counted in the failure rate.")
     for metric, r in _metric_runs(run):
         lab = r.labelled
         if not lab.any():
@@ -482,7 +492,7 @@ def _quality_tables(run: Run) -> list[Section]:
                 if first_v.size and re_v.size:
                     d = re_v.mean() - first_v.mean()
                     better = d > 0 if higher_is_better(metric) else d < 0
-                    diff = f"{_num(d, metric)}{_scale(metric)[1]} ({'better' if better else 'worse'} on revisits)"
+                    diff = f"{_num(d, metric)}{_diff_unit(metric)} ({'better' if better else 'worse'} on revisits)"
                 rec_rows.append([_metric_label(metric), str(k),
                                  f"{_ci(stats.mean_ci(first_v), metric)} (n={first_v.size})" if first_v.size else "none",
                                  f"{_ci(stats.mean_ci(re_v), metric)} (n={re_v.size})" if re_v.size else "no revisits",
@@ -604,11 +614,12 @@ def _continual_section(run: Run) -> tuple[Section, ProbeMatrix | None]:
             rows.append([name, "n/a", "needs a baseline probe at seq 0 (before any task)"])
             continue
         iv = stats.mean_ci(v) if v.size >= 2 else None
-        shown = f"{_num(point[name], unit_metric)}{_scale(unit_metric)[1]}"
-        rows.append([name, shown, f"[{_num(iv.low, unit_metric)}, {_num(iv.high, unit_metric)}] over {v.size} families"
+        unit = _scale(unit_metric)[1] if name.startswith("ACC") else _diff_unit(unit_metric)
+        shown = f"{_num(point[name], unit_metric)}{unit}"
+        rows.append([name, shown, f"[{_num(iv.low, unit_metric)}, {_num(iv.high, unit_metric)}]{unit} over {v.size} families"
                      if iv else "one family: no interval"])
     note = (f"{T} stages (families in first-visit order: {', '.join(pm.families)}). Intervals are t-intervals across "
-            "families, not across seeds.")
+            "families (wide with few families), not across seeds; pp = percentage points.")
     if pm.sign < 0:
         note += f" Computed on −{pm.metric.upper()} so that higher is better: positive BWT/FWT mean improvement."
     sec.tables.append(Table(["metric", "value", "95% CI"], rows, note))
@@ -756,7 +767,8 @@ def plot_quality(run: Run, window: int | None = None):
         if metric == "mse" and np.all(q > 0) and q.max() / max(q.min(), 1e-12) > 50:
             ax.set_yscale("log")
         ax.set_ylabel(("accuracy (%)" if unit else "MSE (lower is better)"))
-        ax.set_title(f"{'Accuracy' if unit else 'MSE'} over the stream")
+        ax.set_title(f"{'Accuracy' if unit else 'MSE'} over the stream", pad=12)
+        ax.set_xlim(r.seq[0] - 0.5, r.seq[-1] + 1)
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         ax.grid(alpha=0.25)
     axes[-1, 0].set_xlabel("task index in the stream (seq)")
@@ -779,22 +791,23 @@ def plot_compute_quality(run: Run):
         jitter = gen.uniform(-0.012, 0.012, u.size) * span
         for j, a in enumerate(names):
             k = np.array([x == a for x in algs])
-            ax.scatter(u[k] + jitter[k], q[k] * s, s=7, alpha=0.3, color=_FAMILY_COLOURS[(j + 3) % 10], label=f"{a} (tasks)")
+            ax.scatter(u[k] + jitter[k], q[k] * s, s=7, alpha=0.3, color=_FAMILY_COLOURS[(j + 3) % 10], label=f"{a}: tasks")
         if levels.size > 12:  # bin by quantiles of compute
             edges = np.unique(np.quantile(u, np.linspace(0, 1, 9)))
-            idx = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, edges.size - 2)
-            groups_ = [(float(np.mean(u[idx == b])), q[idx == b]) for b in range(edges.size - 1) if np.any(idx == b)]
+            bin_of = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, edges.size - 2)
         else:
-            groups_ = [(float(lv), q[u == lv]) for lv in levels]
-        xs, ms, lo, hi = [], [], [], []
-        for x, v in groups_:
-            c = stats.mean_ci(v)
-            xs.append(x)
-            ms.append(c.mean * s)
-            hw = c.half_width * s if math.isfinite(c.half_width) else 0.0
-            lo.append(hw)
-            hi.append(hw)
-        ax.errorbar(xs, ms, yerr=[lo, hi], fmt="o-", color="k", ms=5, capsize=3, lw=1.3, label="mean ± 95% CI")
+            bin_of = np.searchsorted(levels, u)
+        for j, a in enumerate(names):
+            k = np.array([x == a for x in algs])
+            xs, ms, hws = [], [], []
+            for b in np.unique(bin_of[k]):
+                v = q[k & (bin_of == b)]
+                c = stats.mean_ci(v)
+                xs.append(float(np.mean(u[k & (bin_of == b)])))
+                ms.append(c.mean * s)
+                hws.append(c.half_width * s if math.isfinite(c.half_width) else 0.0)
+            ax.errorbar(xs, ms, yerr=hws, fmt="o", color=_FAMILY_COLOURS[(j + 3) % 10], mec="k", ms=7, capsize=4,
+                        ecolor="k", lw=1.3, label=f"{a}: mean ± 95% CI")
         ax.set_xlabel("compute per task (budget units)")
         ax.set_ylabel("accuracy (%)" if unit else "MSE (lower is better)")
         if metric == "mse" and np.all(q > 0) and q.max() / max(q.min(), 1e-12) > 50:
@@ -853,18 +866,19 @@ def plot_algorithm_mix(run: Run, window: int | None = None):
     starts, names, shares = window_shares(run.algorithm, w)
     fig, axes = _figure(10.0, 3.4)
     ax = axes[0, 0]
-    x = run.seq[starts] + (np.minimum(starts + w, len(run)) - starts) / 2.0
-    if x.size == 1:
-        x = np.r_[run.seq[0], run.seq[-1] + 1]
-        shares = np.repeat(shares, 2, axis=0)
-    ax.stackplot(x, (100 * shares).T, labels=names, colors=[_FAMILY_COLOURS[(j + 3) % 10] for j in range(len(names))],
-                 alpha=0.85)
+    left = run.seq[starts]
+    right = np.r_[run.seq[starts[1:]], run.seq[-1] + 1]
+    bottom = np.zeros(starts.size)
+    for j, name in enumerate(names):
+        ax.bar(left, 100 * shares[:, j], width=right - left, bottom=bottom, align="edge", label=name,
+               color=_FAMILY_COLOURS[(j + 3) % 10], edgecolor="white", linewidth=0.3)
+        bottom += 100 * shares[:, j]
     for i in run.family_switches():
         ax.axvline(run.seq[i], color="0.15", lw=0.9, ls="--")
     ax.set_ylim(0, 100)
-    ax.set_xlim(run.seq[0], run.seq[-1])
+    ax.set_xlim(run.seq[0], run.seq[-1] + 1)
     ax.set_xlabel("task index in the stream (seq)")
-    ax.set_ylabel(f"share of tasks (%), windows of {w}")
+    ax.set_ylabel(f"share of tasks (%)\nper window of {w} tasks")
     ax.set_title("Algorithm mix over time" + (" (dashed: family switches)" if run.family_switches().size else ""))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, title="algorithm")
     return fig

@@ -140,6 +140,14 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _quality(q) -> Any:
+    """A quality value for JSON: a diverged task's infinite MSE is kept as the string "inf"."""
+    if q is None:
+        return None
+    q = float(q)
+    return q if math.isfinite(q) else str(q)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -325,7 +333,7 @@ class RunLogWriter:
             "latency_ms": get("latency_ms"), "time": _now(),
         }
         if quality is not None or failed is not None:
-            rec["quality"] = quality
+            rec["quality"] = _quality(quality)
             rec["failed"] = None if failed is None else bool(failed)
         if boundary is not None:
             rec["boundary"] = bool(boundary)
@@ -335,7 +343,7 @@ class RunLogWriter:
 
     def write_score(self, task_id: str, quality: float | None, failed: bool | None) -> dict:
         """Append the score of a task whose labels arrived after its answer (joined by id)."""
-        rec = {"type": SCORES, "id": str(task_id), "quality": quality,
+        rec = {"type": SCORES, "id": str(task_id), "quality": _quality(quality),
                "failed": None if failed is None else bool(failed), "time": _now()}
         with self._lock:
             self._outcomes.write(_dump(rec))
@@ -485,8 +493,13 @@ class Run:
 
     @property
     def labelled(self) -> np.ndarray:
-        """Mask of tasks whose quality is known."""
+        """Mask of tasks whose quality is known and finite."""
         return np.isfinite(self.quality)
+
+    @property
+    def n_nonfinite_quality(self) -> int:
+        """Tasks scored with a non-finite quality (a diverged regression: infinite MSE)."""
+        return int(np.count_nonzero(np.isinf(self.quality)))
 
     @property
     def families(self) -> list[str]:
