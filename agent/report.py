@@ -935,8 +935,9 @@ def plot_probe_matrix(pm: ProbeMatrix):
     im = ax.imshow(R, cmap="viridis" if pm.sign > 0 else "viridis_r", aspect="auto")
     for i in range(T):
         for j in range(T):
+            r, g, b, _ = im.cmap(im.norm(R[i, j]))
             ax.text(j, i, _num(pm.sign * pm.R[i, j], pm.metric), ha="center", va="center", fontsize=8,
-                    color="white" if (R[i, j] - R.min()) < 0.5 * np.ptp(R) else "black")
+                    color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
     ax.set_xticks(range(T), pm.families, rotation=30, ha="right")
     ax.set_yticks(range(T), [f"after {f}" for f in pm.families])
     ax.set_xlabel("probed family")
