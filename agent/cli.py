@@ -173,6 +173,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(args)
 
 
+# -- report / compare ---------------------------------------------------------------------------
+# Arguments and bodies live in agent.report; it is imported only when one of these runs
+# (statistics pull in scipy, which every other command would pay for at start-up).
+def _report_args(p: argparse.ArgumentParser) -> None:
+    from agent.report import _report_args as add
+
+    add(p)
+
+
+@command("report", "write an HTML report (plots and tables with intervals) of a run directory", _report_args)
+def cmd_report(args: argparse.Namespace) -> int:
+    from agent.report import cmd_report as run
+
+    return run(args)
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    from agent.report import _compare_args as add
+
+    add(p)
+
+
+@command("compare", "paired comparison of two runs on their shared tasks, with a plain-language verdict",
+         _compare_args)
+def cmd_compare(args: argparse.Namespace) -> int:
+    from agent.report import cmd_compare as run
+
+    return run(args)
+
+
 # -- version ----------------------------------------------------------------------------------
 @command("version", "print the version")
 def cmd_version(args: argparse.Namespace) -> int:
