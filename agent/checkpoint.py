@@ -181,6 +181,10 @@ def verify(path: str | os.PathLike) -> list[str]:
         return [f"unsupported format {manifest.get('format')!r} (this version reads {FORMAT_VERSION})"]
     problems = []
     for name, entry in sorted(manifest["files"].items()):
+        if not isinstance(name, str) or not _FILE.match(name) or name == MANIFEST or not isinstance(entry, dict):
+            # A name like "../x" would make verification (and loading) read outside the checkpoint.
+            problems.append(f"{name!r}: invalid file name or entry")
+            continue
         try:
             data = (path / name).read_bytes()
         except OSError:

@@ -1,0 +1,197 @@
+"""Checkpoint faults (issue 7): corrupt, truncated or tampered checkpoints are detected through
+the manifest and the agent falls back to the previous good one, loudly; an unwritable checkpoint
+directory does not stop the stream, is counted in ``metaagent_checkpoint_failures_total`` and
+logged, and is retried with back-off."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import checkpoint as ckpt
+from agent.agent import Agent
+from agent.streams import JsonlSink
+from agent.streams.sources import Record
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {"model": {"arch": "mlp", "hidden": [8]}, "agent": {"in_shape": [1], "out_dim": 1},
+          "compute": {"levels": [[1, 1]]}, "memory": {"capacity": 100}, "online": {"every": 4, "replay": 1},
+          "checkpoint": {"every_s": 1000.0, "keep": 5}}
+
+
+def task_line(i: int) -> bytes:
+    rng = np.random.default_rng(i)
+    x, q = rng.uniform(-5, 5, (5, 1)), rng.uniform(-5, 5, (3, 1))
+    return json.dumps({"type": "task", "id": f"t-{i}", "kind": "regression",
+                       "support": {"x": x.tolist(), "y": np.sin(x).tolist()},
+                       "query": {"x": q.tolist(), "y": np.sin(q).tolist()}}).encode()
+
+
+def two_checkpoints(root: Path) -> tuple[Path, Path]:
+    agent = Agent.from_config(CONFIG)
+    for i in range(5):
+        agent.handle_line(task_line(i))
+    first = agent.save(root)
+    for i in range(5, 12):
+        agent.handle_line(task_line(i))
+    return first, agent.save(root)
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "flipped_meta": lambda c: flip_byte(c / "meta.pt"),
+    "truncated_state": lambda c: (c / "state.json").write_bytes((c / "state.json").read_bytes()[:40]),
+    "appended_memory": lambda c: (c / "memory.npz").write_bytes((c / "memory.npz").read_bytes() + b"x"),
+    "missing_file": lambda c: (c / "online.pt").unlink(),
+    "no_manifest": lambda c: (c / "manifest.json").unlink(),
+    "garbage_manifest": lambda c: (c / "manifest.json").write_bytes(b"\x00{not json"),
+    "manifest_not_object": lambda c: (c / "manifest.json").write_text("[1, 2]"),
+    "wrong_format": lambda c: (c / "manifest.json").write_text(
+        json.dumps({**json.loads((c / "manifest.json").read_text()), "format": 99})),
+    "tampered_state": lambda c: (c / "state.json").write_text(
+        (c / "state.json").read_text().replace('"tasks": 12', '"tasks": 13')),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_loudly(tmp_path, caplog, damage):
+    first, second = two_checkpoints(tmp_path)
+    DAMAGE[damage](second)
+    assert ckpt.verify(second), "the damage must be detected"
+    with caplog.at_level(logging.WARNING, logger="agent.checkpoint"):
+        agent = Agent.load(tmp_path)
+    assert agent.counters["tasks"] == 5  # the first checkpoint's state
+    assert any("unusable" in r.getMessage() and second.name in r.getMessage() for r in caplog.records)
+    assert second.exists(), "a damaged checkpoint is kept for inspection"
+
+
+def test_manifest_cannot_name_files_outside_the_checkpoint(tmp_path):
+    first, second = two_checkpoints(tmp_path)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    manifest = json.loads((second / "manifest.json").read_text())
+    import hashlib
+
+    manifest["files"]["../outside.bin"] = {"sha256": hashlib.sha256(b"secret").hexdigest(), "size": 6}
+    (second / "manifest.json").write_text(json.dumps(manifest))
+    assert any("invalid file name" in p for p in ckpt.verify(second))
+    assert ckpt.latest_good(tmp_path).path == first
+
+
+def test_daemon_falls_back_to_previous_checkpoint_and_says_so(tmp_path):
+    lines = [task_line(i) for i in range(40)]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines[:20]) + b"\n")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(CONFIG))
+    args = [sys.executable, "-m", "agent", "run", "--config", str(cfg), "--input", "in.jsonl", "--output", "out.jsonl",
+            "--state-dir", "s", "--metrics-addr", "0", "--progress", "off"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    with open(tmp_path / "in.jsonl", "ab") as f:
+        f.write(b"\n".join(lines[20:]) + b"\n")
+    second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr[-2000:]
+    newest = ckpt.list_checkpoints(tmp_path / "s")[-1]
+    flip_byte(newest / "meta.pt")
+    third = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "unusable" in third.stderr and newest.name in third.stderr and "WARNING" in third.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert sorted(ids) == sorted(f"t-{i}" for i in range(40))  # replayed from the older one, none twice
+
+
+@pytest.mark.xfail(strict=True, reason="daemon.py/agent.py: ckpt.latest_good() only checks the manifest's own "
+                                       "consistency; a checkpoint whose manifest verifies but lacks a file the agent "
+                                       "needs (or holds a state.json it cannot use) makes Agent.load raise and the "
+                                       "daemon exit 1 instead of falling back. Fix: in run_daemon, try Agent.load on "
+                                       "each checkpoint newest first (ckpt.list_checkpoints + open_checkpoint), "
+                                       "logging a warning and falling back on any CheckpointError/KeyError/ValueError")
+def test_checkpoint_with_consistent_manifest_but_missing_file_falls_back(tmp_path):
+    first, second = two_checkpoints(tmp_path)
+    manifest = json.loads((second / "manifest.json").read_text())
+    del manifest["files"]["meta.pt"]
+    (second / "meta.pt").unlink()
+    (second / "manifest.json").write_text(json.dumps(manifest))
+    agent = Agent.load(tmp_path)
+    assert agent.counters["tasks"] == 5
+
+
+# -- unwritable checkpoint directory --------------------------------------------------------
+class OneByOne:
+    """A source handing out one record per poll (so a checkpoint can be due after each task)."""
+
+    def __init__(self, lines):
+        self.lines, self.i, self.exhausted = list(lines), 0, False
+
+    def poll(self, timeout):
+        if self.i >= len(self.lines):
+            self.exhausted = True
+            return []
+        self.i += 1
+        return [Record(self.lines[self.i - 1], self.i)]
+
+    def ack(self, position):
+        pass
+
+    def position(self):
+        return {"offset": self.i}
+
+    def close(self):
+        pass
+
+
+def run_unwritable(tmp_path, n=60):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the state dir's parent should be")  # ENOTDIR even for root
+    agent = Agent.from_config(CONFIG)
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    stats = agent.run(OneByOne([task_line(i) for i in range(n)]), sink, checkpoint_dir=blocker / "state",
+                      checkpoint_every_tasks=1)
+    sink.close()
+    failures = agent.registry.get_sample_value("metaagent_checkpoint_failures_total")
+    return agent, stats, failures
+
+
+def test_unwritable_checkpoint_dir_keeps_serving_and_reports(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR, logger="agent.agent"):
+        agent, stats, failures = run_unwritable(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert stats.tasks == 60 and len(rows) == 60 and all("predictions" in r for r in rows)
+    assert failures >= 1
+    assert any("checkpoint failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.xfail(strict=True, reason="agent.py: Agent.run retries a failed checkpoint on the normal schedule "
+                                       "(every_tasks / every_s) with no back-off, so a broken disk is hammered "
+                                       "(here: 61 attempts for 60 tasks). Fix: on failure keep a delay that doubles "
+                                       "per consecutive failure (from every_s, capped at e.g. 10 min) and skip "
+                                       "attempts until it has passed; reset it on success")
+def test_failed_checkpoints_are_retried_with_back_off(tmp_path):
+    _agent, _stats, failures = run_unwritable(tmp_path)
+    assert failures <= 10, f"{failures:.0f} checkpoint attempts for 60 tasks on a dead disk"
+
+
+def test_daemon_with_unwritable_state_dir_exits_zero_and_logs(tmp_path):
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(task_line(i) for i in range(10)) + b"\n")
+    (tmp_path / "blocker").write_text("file")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(CONFIG))
+    proc = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg), "--input", "in.jsonl",
+                           "--output", "out.jsonl", "--state-dir", "blocker/state", "--metrics-addr", "0",
+                           "--progress", "off"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checkpoint failed" in proc.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 10
