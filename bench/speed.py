@@ -254,6 +254,37 @@ def bench_adapt(args, results):
     return rows
 
 
+def bench_train_step(args, results):
+    """Where a sinusoid meta-training step spends its time (ours only): the parts of one
+    ``agent.training`` step, interleaved like the rest."""
+    from agent.training import apply_meta_gradient, sample_batch
+
+    print("## (d) sinusoid meta-training step, broken down (ours only; what meta_train does per step)")
+    fam = make_family("sinusoid", k_shot=10, k_query=10)
+    model = build_model("mlp", in_shape=1, out_dim=1)
+    alg = build("maml", model, inner_lr=0.01, inner_steps=1)
+    meta = alg.init_meta(torch.Generator().manual_seed(args.seed))
+    opt = torch.optim.Adam([meta[n] for n in alg.trainable(meta)], lr=1e-3)
+    tasks = sample_batch(fam, args.seed, 0, 25)
+    i = {"step": 0}
+
+    def sample():
+        i["step"] += 1
+        return sample_batch(fam, args.seed, i["step"], 25)
+
+    t = common.interleaved({
+        "sample_batch (25 tasks)": sample,
+        "meta_gradient (vmap)": lambda: alg.meta_gradient(meta, tasks),
+        "apply_meta_gradient (meta_gradient + checks + Adam)": lambda: apply_meta_gradient(alg, meta, opt, tasks),
+    }, rounds=args.rounds, reps=args.reps, seed=args.seed)
+    print(f"  {common.cpu_line(t)}")
+    results["sinusoid_train_step"] = t.to_dict()
+    total = t.median("sample_batch (25 tasks)") + t.median("apply_meta_gradient (meta_gradient + checks + Adam)")
+    rows = [[name, common.ms(t.median(name), 3), f"{t.median(name) / total:.0%}"] for name in t.per_call]
+    rows.append(["sample + apply (one meta_train step, approx.)", common.ms(total, 3), "100%"])
+    return rows
+
+
 def main(argv=None) -> int:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=15, help="rounds for the MLP and adaptation timings")
@@ -266,7 +297,7 @@ def main(argv=None) -> int:
     p.add_argument("--conv-tasks", type=int, default=4)
     p.add_argument("--conv-query", type=int, default=15)
     p.add_argument("--conv-first-order", action="store_true", help="also time first-order Conv-4 steps")
-    p.add_argument("--sections", nargs="+", default=["mlp", "conv", "adapt"], choices=["mlp", "conv", "adapt"])
+    p.add_argument("--sections", nargs="+", default=["mlp", "conv", "adapt", "step"], choices=["mlp", "conv", "adapt", "step"])
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.reps, args.adapt_reps = 2, 1, 2
@@ -287,6 +318,7 @@ def main(argv=None) -> int:
         checks += c
     if "adapt" in args.sections:
         arows = bench_adapt(args, results)
+    srows = bench_train_step(args, results) if "step" in args.sections else []
     print()
     if rows:
         print("### Meta-training step (meta-gradient of the mean query loss), median ms per step")
@@ -299,6 +331,10 @@ def main(argv=None) -> int:
         print("### Adaptation latency per task, median ms (25 tasks batched: call time / 25)")
         print(common.table(["steps", "ours", "ours ms/task", "plain loop ms/task", "speed-up (plain/ours)",
                             "IQR of paired ratio", "max abs pred diff"], arows))
+    if srows:
+        print()
+        print("### Sinusoid meta-training step broken down (ours), median ms per call")
+        print(common.table(["part", "ms", "share of a step"], srows))
     goals = [r for r in rows if r[-1] != "-"]
     if goals:
         print()
