@@ -1,0 +1,169 @@
+"""Soak and backpressure benchmark of the daemon (issue 7).
+
+Writes ``--tasks`` sine regression tasks (half with inline labels, half never labelled, so the
+pending-feedback table fills to its bound) into one file up front, then runs
+``python -m agent run --input FILE --follow --max-tasks N`` on it. The source is therefore
+always far ahead of the agent (the backpressure case: a producer much faster than the agent);
+the agent must read it in bounded chunks. Every ``--every`` tasks it samples the daemon's RSS
+(``/proc/<pid>/status``), the latency p50/p99 of the answers in that window (their
+``latency_ms``), and from the metrics endpoint the memory-bank size, the pending table and the
+number of exported series (no unbounded labels). Prints the table and two verdicts:
+RSS flat within 10% after warm-up (the first 20% of tasks), and p99 stable (the last window's
+p99 within 2x the first post-warm-up window's)::
+
+    python bench/soak.py --tasks 100000
+    python bench/soak.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = {"model": {"arch": "mlp", "hidden": [16, 16]}, "agent": {"in_shape": [1], "out_dim": 1},
+          "compute": {"levels": [[1, 1], [3, 1]]}, "memory": {"capacity": 2000},
+          "online": {"every": 4, "replay": 3, "replay_capacity": 200},
+          "limits": {"pending_max": 1000, "seen_ids": 20000},
+          "checkpoint": {"every_s": 30.0, "keep": 2}}
+
+
+def write_tasks(path: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, ph = rng.uniform(0.1, 5), rng.uniform(0, math.pi)
+            xs = [rng.uniform(-5, 5) for _ in range(15)]
+            ys = [a * math.sin(x - ph) for x in xs]
+            rec = {"type": "task", "id": f"s-{i}", "kind": "regression",
+                   "support": {"x": [[round(x, 4)] for x in xs[:10]], "y": [[round(y, 4)] for y in ys[:10]]},
+                   "query": {"x": [[round(x, 4)] for x in xs[10:]]}}
+            if i % 2:
+                rec["query"]["y"] = [[round(y, 4)] for y in ys[10:]]
+            f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+    return 0
+
+
+def scrape(port: int) -> dict:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return {}
+    out = {"series": sum(1 for line in text.splitlines() if line and not line.startswith("#"))}
+    for line in text.splitlines():
+        for name in ("metaagent_memory_entries", "metaagent_feedback_pending"):
+            if line.startswith(name + " "):
+                out[name] = float(line.split()[1])
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=int, default=100_000)
+    p.add_argument("--quick", action="store_true", help="2000 tasks")
+    p.add_argument("--every", type=int, default=None, help="sample every N tasks (default: tasks/20)")
+    p.add_argument("--workdir", type=Path, default=None)
+    args = p.parse_args(argv)
+    n = 2000 if args.quick else args.tasks
+    every = args.every or max(100, n // 20)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="soak-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("out.jsonl",):
+        (work / name).unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    write_tasks(work / "in.jsonl", n)
+    size_mib = (work / "in.jsonl").stat().st_size / 2**20
+    print(f"wrote {n} tasks ({size_mib:.0f} MiB) in {time.perf_counter() - t0:.1f}s -> {work}")
+    (work / "cfg.json").write_text(json.dumps(CONFIG))
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", "cfg.json", "--input", "in.jsonl",
+                             "--follow", "--max-tasks", str(n), "--output", "out.jsonl",
+                             "--state-dir", str(work / f"state-{os.getpid()}-{time.time_ns()}"),
+                             "--metrics-addr", f"127.0.0.1:{port}", "--progress", "off"],
+                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rows, window, done, offset, buf = [], [], 0, 0, b""
+    started = time.perf_counter()
+    print(f"\n| tasks | elapsed s | tasks/s | RSS MiB | p50 ms | p99 ms | memory bank | pending | series |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    while True:
+        alive = proc.poll() is None
+        try:
+            with open(work / "out.jsonl", "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            chunk = b""
+        offset += len(chunk)
+        buf += chunk
+        *complete, buf = buf.split(b"\n")
+        for line in complete:
+            rec = json.loads(line)
+            if "latency_ms" in rec:
+                window.append(rec["latency_ms"])
+                done += 1
+                if done % every == 0 or done == n:
+                    m = scrape(port) if alive else {}
+                    elapsed = time.perf_counter() - started
+                    row = {"tasks": done, "elapsed": elapsed, "rss": rss_kib(proc.pid) / 1024 if alive else float("nan"),
+                           "p50": float(np.percentile(window, 50)), "p99": float(np.percentile(window, 99)),
+                           "memory": m.get("metaagent_memory_entries"), "pending": m.get("metaagent_feedback_pending"),
+                           "series": m.get("series")}
+                    rate = (done - (rows[-1]["tasks"] if rows else 0)) / max(elapsed - (rows[-1]["elapsed"] if rows else 0), 1e-9)
+                    rows.append(row)
+                    window = []
+                    fmt = lambda v, f="{:.0f}": "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)  # noqa: E731
+                    print(f"| {done} | {elapsed:.0f} | {rate:.0f} | {fmt(row['rss'])} | {row['p50']:.1f} | {row['p99']:.1f} "
+                          f"| {fmt(row['memory'])} | {fmt(row['pending'])} | {fmt(row['series'])} |", flush=True)
+        if not alive:
+            break
+        time.sleep(0.2)
+    err = proc.stderr.read().decode()
+    if proc.returncode != 0:
+        print(f"daemon exit code {proc.returncode}: {err[-2000:]}")
+        return 1
+    warm = [r for r in rows if r["tasks"] > 0.2 * n and not math.isnan(r["rss"])]
+    verdicts = []
+    if len(warm) >= 2:
+        lo, hi = min(r["rss"] for r in warm), max(r["rss"] for r in warm)
+        verdicts.append(("RSS flat within 10% after warm-up", hi <= 1.10 * lo, f"{lo:.0f}..{hi:.0f} MiB (+{100 * (hi / lo - 1):.1f}%)"))
+        p99_first, p99_last = warm[0]["p99"], warm[-1]["p99"]
+        verdicts.append(("p99 stable (last window <= 2x first after warm-up)", p99_last <= 2 * p99_first,
+                         f"{p99_first:.1f} -> {p99_last:.1f} ms"))
+        series = [r["series"] for r in warm if r["series"] is not None]
+        if series:
+            verdicts.append(("metric series bounded", max(series) == min(series) or max(series) <= 1.05 * min(series),
+                             f"{min(series):.0f}..{max(series):.0f}"))
+    print(f"\n{done} tasks in {time.perf_counter() - started:.0f}s; input file {size_mib:.0f} MiB read with --follow "
+          f"(backpressure: the reader is always ahead of the agent)")
+    for name, ok, detail in verdicts:
+        print(f"{'PASS' if ok else 'MISS'}: {name}: {detail}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
