@@ -1,0 +1,236 @@
+"""End-to-end agent throughput on the sinusoid stream against a bare adaptation loop (issue 3).
+
+A sinusoid MAML is meta-trained for ``--train-seconds`` (``agent.training.meta_train``) and
+loaded by every agent through ``agent.init_checkpoint``. ``--tasks`` records of the built-in
+``sinusoid-osaka`` stream (K=10 support, 10 query, inline labels) are written once to a JSON
+Lines file in a temporary directory. In the same process, interleaved (``common.interleaved``:
+shuffled rounds, median of per-round paired ratios), three implementations answer all of them:
+
+* **agent (micro-batch m)**: a fresh ``Agent`` (built before the timed call) runs
+  ``agent.run(JsonlFileSource(file), JsonlSink(new file))``: parsing and validation, the
+  features pass (vmapped over the micro-batch for m > 1), difficulty, arm and budget choice, the
+  token bucket, the task embedding, guarded adaptation, prediction, scoring against the inline
+  labels, the memory insert, every Prometheus metric in the agent's live registry (no HTTP
+  server is started), and one JSON line written and flushed per task. Budget: the fixed level
+  ``[5 steps, 1 member]`` (``budget: 1``), so every task runs one ``guarded_adapt(max_steps=5)``
+  with the shipped guard settings; online meta-learning is **off** (it is learning, not
+  overhead: its cost is reported separately in the last row, outside the goal);
+* **bare loop**: for each task, already as tensors, the same ``guarded_adapt(alg, meta, task, 5,
+  patience, max_backtracks)`` from the same meta-parameters, then ``alg.predict`` on the query:
+  the same algorithm, steps, model and guard, without features, selection, memory, metrics,
+  parsing or IO.
+
+Reported: seconds per pass (median and quartiles over rounds), tasks/s, and the agent's overhead
+share ``1 - bare/agent`` from the median per-round ratio. Goals (issue 3): overhead <= 10% of the
+agent's time; with micro-batching, throughput above the bare loop. ``--profile`` runs one extra
+agent pass (micro-batch 8) under ``cProfile`` and prints the top 10 functions by cumulative time
+and the agent's own pieces (inclusive time of each), as a share of the pass.
+
+    python bench/daemon_throughput.py --train-seconds 30 --tasks 400 --rounds 7 --profile --out bench/results/daemon_throughput.json
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import itertools
+import pstats
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE.parent), str(_HERE)]
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from agent.agent import Agent  # noqa: E402
+from agent.compute import guarded_adapt  # noqa: E402
+from agent.streams.sinks import JsonlSink  # noqa: E402
+from agent.streams.sources import JsonlFileSource  # noqa: E402
+from agent.streams.synthetic import make_stream  # noqa: E402
+from agent.task import parse_record  # noqa: E402
+from compute_scaling import train_sinusoid_maml  # noqa: E402
+
+STEPS_LEVEL = 1  # index into the levels below: [5 steps, 1 member]
+LEVELS = [[1, 1], [5, 1], [10, 2]]
+
+# Pieces of the agent's own work, for the profile breakdown: (label, file suffix, function).
+PIECES = [
+    ("guarded_adapt (the adaptation itself)", "agent/compute.py", "guarded_adapt"),
+    ("predict (query, and the guard's support losses)", "agent/algorithms/base.py", "predict"),
+    ("parse + validate records", "agent/task.py", "parse_record"),
+    ("task -> tensors", "agent/task.py", "to_tensors"),
+    ("features (initial loss)", "agent/agent.py", "_features"),
+    ("task embedding (memory)", "agent/memory.py", "task_embedding"),
+    ("learn: score + memory insert", "agent/agent.py", "_learn"),
+    ("memory add", "agent/memory.py", "add"),
+    ("sink write (JSON + flush)", "agent/streams/sinks.py", "write"),
+    ("Outcome.to_dict", "agent/task.py", "to_dict"),
+    ("source poll (read lines)", "agent/streams/sources.py", "poll"),
+]
+
+
+def agent_config(init: str | None, micro_batch: int, online: bool, seed: int, threads: int) -> dict:
+    return {
+        "model": {"arch": "mlp", "hidden": [40, 40]},
+        "agent": {"in_shape": [1], "out_dim": 1, "seed": seed, "threads": threads, "init_checkpoint": init,
+                  "micro_batch": micro_batch, "arms": [{"algorithm": "maml", "inner_lr": 0.01, "budget": STEPS_LEVEL}]},
+        "compute": {"levels": LEVELS, "rate_per_s": 1e9, "capacity": 1e9},
+        "memory": {"enabled": True, "capacity": 2000, "dim": 64, "k": 4},
+        "online": {"enabled": online},
+        "metrics": {"addr": "0"},
+    }
+
+
+def write_stream(path: Path, n: int, seed: int) -> list:
+    stream = make_stream("sinusoid-osaka", n_tasks=n, seed=seed)
+    lines = []
+    while not stream.exhausted:
+        lines += [r.data for r in stream.poll(0)]
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return [parse_record(line) for line in lines]
+
+
+class AgentPass:
+    """One timed pass = ``agent.run`` over the whole file with a fresh, pre-built agent."""
+
+    def __init__(self, cfg: dict, src: Path, out_dir: Path, name: str, pool: int):
+        self.cfg, self.src, self.out_dir, self.name = cfg, src, out_dir, name
+        self.count = itertools.count()
+        self.agents = [Agent.from_config(cfg) for _ in range(pool)]
+        self.last_stats = None
+
+    def __call__(self):
+        agent = self.agents.pop() if self.agents else Agent.from_config(self.cfg)
+        source = JsonlFileSource(self.src)
+        sink = JsonlSink(self.out_dir / f"{self.name}-{next(self.count)}.jsonl")
+        try:
+            self.last_stats = agent.run(source, sink)
+        finally:
+            source.close()
+            sink.close()
+        return agent
+
+
+def bare_pass(alg, meta, tts, patience: int, max_backtracks: int, steps: int):
+    for tt in tts:
+        state, _ = guarded_adapt(alg, meta, tt, steps, patience=patience, max_backtracks=max_backtracks)
+        with torch.no_grad():
+            alg.predict(meta, state, tt.query_x)
+
+
+def profile_pass(fn) -> tuple[str, list, float]:
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("cumulative").print_stats(10)
+    total = max(v[3] for v in st.stats.values())  # the outermost call's cumulative time
+    pieces = []
+    for label, suffix, func in PIECES:
+        cum = sum(v[3] for (file, _line, name), v in st.stats.items() if name == func and file.endswith(suffix))
+        calls = sum(v[1] for (file, _line, name), v in st.stats.items() if name == func and file.endswith(suffix))
+        pieces.append((label, calls, cum))
+    for label, part in (("metric updates (prometheus_client, self time)", "prometheus_client"),
+                        ("json encode/decode (self time)", "/json/")):
+        rows = [v for (file, _line, _name), v in st.stats.items() if part in file]
+        pieces.append((label, sum(v[1] for v in rows), sum(v[2] for v in rows)))
+    return buf.getvalue(), pieces, total
+
+
+def main(argv=None) -> int:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--train-seconds", type=float, default=30.0, help="meta-training of the MAML init (0: random init)")
+    p.add_argument("--tasks", type=int, default=400)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--micro-batches", default="1,8,32", help="agent micro-batch sizes to time")
+    p.add_argument("--profile", action="store_true", help="cProfile one agent pass (micro-batch 8)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_seconds, args.tasks, args.rounds = min(args.train_seconds, 1.0), 16, 2
+    common.setup_threads(args.threads)
+    info = common.print_header("bench/daemon_throughput.py: agent tasks/s against a bare adaptation loop", args)
+    results = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
+    mbs = [int(x) for x in args.micro_batches.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp:
+        tmp = Path(tmp)
+        init = None
+        if args.train_seconds > 0:
+            print(f"meta-training sinusoid MAML for {args.train_seconds:.0f} s ...", flush=True)
+            res = train_sinusoid_maml(args.train_seconds, args.seed, args.threads, tmp / "init")
+            print(f"  {res.step} meta-steps in {res.seconds:.1f} s", flush=True)
+            init, results["meta_steps"] = str(tmp / "init"), res.step
+        src = tmp / "stream.jsonl"
+        tasks = write_stream(src, args.tasks, args.seed)
+        print(f"stream file: {len(tasks)} records, {src.stat().st_size / 1e6:.2f} MB", flush=True)
+        pool = args.rounds + 1
+        fns = {f"agent mb={m}": AgentPass(agent_config(init, m, False, args.seed, args.threads), src, tmp, f"a{m}", pool)
+               for m in mbs}
+        fns["agent mb=8 + online learning (info)"] = AgentPass(agent_config(init, 8, True, args.seed, args.threads), src, tmp,
+                                                               "online", pool)
+        ref = fns[f"agent mb={mbs[0]}"].agents[0]
+        alg, meta, cc = ref.learner, ref.meta, ref.config.compute
+        steps = ref.levels[STEPS_LEVEL].steps
+        tts = [t.to_tensors() for t in tasks]
+        fns["bare loop"] = lambda: bare_pass(alg, meta, tts, cc.patience, cc.max_backtracks, steps)
+        print(f"timing {len(fns)} implementations, {args.rounds} interleaved rounds + 1 warm-up ...", flush=True)
+        timing = common.interleaved(fns, rounds=args.rounds, reps=1, seed=args.seed, warmup=1)
+        stats = fns[f"agent mb={mbs[0]}"].last_stats
+        results["timing"] = timing.to_dict()
+        results["agent_stats"] = {"tasks": stats.tasks, "errors": stats.errors, "written": stats.written}
+        prof = None
+        if args.profile:
+            prof = profile_pass(AgentPass(agent_config(init, 8, False, args.seed, args.threads), src, tmp, "prof", 1))
+
+    n = len(tasks)
+    rows, overhead = [], {}
+    for name in fns:
+        med = timing.median(name)
+        q1, q3 = timing.quartiles(name)
+        if name == "bare loop":
+            rows.append([name, f"{med:.3f} [{q1:.3f}, {q3:.3f}]", f"{n / med:.0f}", "1 (reference)", "-"])
+            continue
+        r = timing.ratio(name, "bare loop")
+        r1, r3 = timing.ratio_quartiles(name, "bare loop")
+        overhead[name] = {"ratio": r, "ratio_q": (r1, r3), "overhead": 1 - 1 / r, "tasks_per_s": n / med}
+        rows.append([name, f"{med:.3f} [{q1:.3f}, {q3:.3f}]", f"{n / med:.0f}", f"{r:.3f} [{r1:.3f}, {r3:.3f}]",
+                     f"{100 * (1 - 1 / r):.1f}%"])
+    results["overhead"] = overhead
+    print()
+    print(f"### {n} sinusoid tasks per pass; guarded_adapt(max_steps={steps}) per task; median [quartiles] over {args.rounds} rounds")
+    print(common.table(["implementation", "s per pass", "tasks/s", "time / bare (paired median)", "overhead 1 - bare/agent"], rows))
+    print(common.cpu_line(timing))
+    print(f"agent wrote {stats.written} lines for {stats.tasks} tasks, {stats.errors} errors")
+    print()
+    print("### Goals")
+    first = overhead[f"agent mb={mbs[0]}"]
+    print(f"overhead <= 10% (agent mb={mbs[0]}, per-task): {'PASS' if first['overhead'] <= 0.10 else 'MISS'} "
+          f"({100 * first['overhead']:.1f}%; {first['tasks_per_s']:.0f} vs {n / timing.median('bare loop'):.0f} tasks/s bare)")
+    for m in mbs[1:]:
+        o = overhead[f"agent mb={m}"]
+        print(f"overhead <= 10% (agent mb={m}): {'PASS' if o['overhead'] <= 0.10 else 'MISS'} ({100 * o['overhead']:.1f}%)")
+        print(f"micro-batch {m} throughput above the bare loop: {'PASS' if o['ratio'] < 1 else 'MISS'} "
+              f"({o['tasks_per_s']:.0f} vs {n / timing.median('bare loop'):.0f} tasks/s, time ratio {o['ratio']:.3f})")
+    if prof is not None:
+        text, pieces, total = prof
+        results["profile"] = {"total_s": total, "pieces": [{"label": a, "calls": b, "cum_s": c} for a, b, c in pieces]}
+        print()
+        print(f"### cProfile of one agent pass (micro-batch 8, {n} tasks, {total:.2f} s under the profiler): top 10 cumulative")
+        print("```")
+        print("\n".join(line for line in text.strip().splitlines() if line.strip()))
+        print("```")
+        print()
+        print("### The agent's pieces (inclusive time, share of the profiled pass; pieces nest, so shares do not add up)")
+        print(common.table(["piece", "calls", "seconds", "share"],
+                           [[a, b, f"{c:.3f}", f"{100 * c / total:.1f}%"] for a, b, c in pieces]))
+    common.write_json(args.out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
