@@ -60,10 +60,13 @@ from prometheus_client import CollectorRegistry
 
 from agent import checkpoint as ckpt
 from agent.algorithms import Algorithm, TaskTensors, build
-from agent.compute import BudgetLevels, TokenBucket, choose_budget, ensemble_predict, guarded_adapt
+from agent.compute import Budget, BudgetLevels, TokenBucket, choose_budget, ensemble_predict, guarded_adapt
 from agent.config import Config, load as load_config
 from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
 from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
+from agent.online import persist
+from agent.online.features import finite, pre_features, probe_features
+from agent.online.wiring import STATE_VERSION, OnlineIntelligence, Plan, bump, quality_of
 from agent.task import (BAD_TARGET_SHAPE, CLASSIFICATION, DIM_MISMATCH, DUPLICATE_ID, TOO_LARGE, Feedback, IdRegistry, Limits,
                         Outcome, Task, TaskError, error_record, parse_record)
 
@@ -205,8 +208,8 @@ def _score(task: Task, predictions: np.ndarray, fail_threshold: float) -> dict[s
         mse = float(np.mean((pred - yy) ** 2))
         nmse = mse / max(float(np.var(yy)), 1e-6)
     ok = math.isfinite(mse)
-    return {"mse": mse if ok else math.inf, "failed": (not ok) or nmse > fail_threshold,
-            "reward": -nmse if ok else -math.inf}
+    return {"mse": mse if ok else math.inf, "nmse": nmse if ok else math.inf,
+            "failed": (not ok) or nmse > fail_threshold, "reward": -nmse if ok else -math.inf}
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,6 +227,24 @@ class _Pending:
     embedding: np.ndarray | None
     state: dict[str, torch.Tensor]
     created: float
+    online: dict = field(default_factory=dict)  # features, arm, variants, compute of the online intelligence
+
+
+@dataclass
+class _Adapted:
+    """One adaptation's result (see :meth:`Agent._adapt`)."""
+
+    state: Any
+    out: torch.Tensor
+    conf: torch.Tensor | None
+    steps: int
+    diverged: bool
+    members: int
+    flags: list
+
+
+STATE_FILE = "online.state"  # River state: HMAC-authenticated pickle (agent.online.persist)
+KEY_FILE = "state.key"  # the HMAC key in the checkpoint root when $META_AGENT_STATE_KEY is unset
 
 
 @dataclass
@@ -296,6 +317,11 @@ class Agent:
         self.bucket = TokenBucket(cc.rate_per_s, cc.capacity, clock=clock)
         self.policy = Policy(len(self.algorithms), ac.default_arm, ac.escalate_arm, ac.escalate_above)
         self.difficulty = Difficulty()
+        self.intel = OnlineIntelligence(config, seed=ac.seed)
+        self._arm_index = {}
+        for i, a in enumerate(ac.arms):
+            self._arm_index.setdefault(a.algorithm, i)
+        self._variant_algs: dict[tuple[int, float], Algorithm] = {}
 
         lc = config.limits
         self.limits = Limits(lc.max_record_bytes, lc.max_elements, lc.max_ways, lc.max_shots, lc.max_dim,
@@ -321,7 +347,11 @@ class Agent:
         self.recent: list[float] = []  # recent quality scores (accuracy or MSE) for progress lines
         self.quality_name = "quality"
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.metrics: Metrics = build_metrics(self.registry, algorithms=[a.name for a in self.algorithms])
+        dc = config.drift
+        self.metrics: Metrics = build_metrics(
+            self.registry, algorithms=[a.name for a in self.algorithms], arms=[str(a) for a in self.intel.arms],
+            detectors={"quality": dc.quality_detector, "failure": dc.failure_detector} if dc.enabled else {},
+            experiments={e.name: list(e.variants) for e in config.experiments})
         self.metrics.state.state("starting")
         self.stream_state: dict = {}  # source positions and sink offset of the checkpoint loaded
 
@@ -514,83 +544,74 @@ class Agent:
         return feats
 
     def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float) -> Outcome:
-        m = self.metrics
+        m, intel, fc = self.metrics, self.intel, self.config.failure
         difficulty = self.difficulty.update(feats["norm_init_loss"])
         feats = dict(feats, difficulty=difficulty)
-        arm = self.policy.choose(feats)
-        alg, arm_cfg = self.algorithms[arm], self.config.agent.arms[arm]
-        if arm_cfg.budget == "adaptive":
-            choice = choose_budget(difficulty, self.levels, self.bucket.available())
-            budget, capped = choice.budget, choice.capped
-        else:
-            budget, capped = self.levels[min(int(arm_cfg.budget), len(self.levels) - 1)], False
+        embedding = self._embedding(tt)
+        x = self._pre_features(tt, feats, embedding)
+        plan = intel.plan(task.id, x)
+        arm, base = self._arm_and_base(plan, feats)
+        alg = self._algorithm(arm, plan.overrides.get("inner_lr"))
+        p_budget = plan.p_pre if plan.warm and fc.enabled else difficulty
+        budget, capped = self._budget(base, p_budget)
         flags = ["budget_capped"] if capped else []
         if capped:
             m.budget_capped.inc()
+        if intel.escalate_pre(plan):
+            budget = bump(budget, self.levels)
+            flags.append("widened")
+        if str(plan.arm) in intel.reward_n:
+            m.selector_pulls.labels(arm=str(plan.arm)).inc()
 
-        embedding, neighbours = None, []
-        if self.memory is not None:
-            embedding = task_embedding(alg, self.meta, tt, projection=self.projection)
-            if not np.isfinite(embedding).all() or not np.any(embedding):
-                embedding = None
-            elif len(self.memory) and budget.members > 1:
-                t0 = time.perf_counter()
-                neighbours = self.memory.query(embedding, self.config.memory.k)
-                m.memory_retrieval_seconds.observe(time.perf_counter() - t0)
-
-        cc = self.config.compute
-        guard = {"patience": cc.patience, "max_backtracks": cc.max_backtracks}
         t0 = time.perf_counter()
-        inits = [None] + self._inits(alg, neighbours, budget.members - 1) if alg.iterative else [None]
-        if len(inits) > 1:
-            res = ensemble_predict(alg, self.meta, tt, inits, max_steps=budget.steps, holdout=cc.holdout,
-                                   generator=self.generator, **guard)
-            state, out, conf = res.members[res.best], res.prediction, res.confidence
-            steps, diverged = res.step_calls, any(tr.diverged for tr in res.traces)
-            members = len(inits)
-            m.memory_hits.inc(len(inits) - 1)
-            flags.append("ensemble")
-        else:
-            state, trace = guarded_adapt(alg, self.meta, tt, budget.steps, **guard)
-            with torch.no_grad():
-                out = alg.predict(self.meta, state, tt.query_x).double()
-            if tt.kind == CLASSIFICATION:
-                out = torch.softmax(out[..., : int(tt.n_way)], dim=-1)
-                conf = out.max(dim=-1).values
-            else:
-                conf = None
-            steps, diverged, members = trace.step_calls, trace.diverged, 1
-            if trace.backtracks:
-                flags.append("backtracked")
+        res = self._adapt(alg, tt, budget, embedding)
+        spent = res.steps
+        p_fail, action = difficulty, "none"
+        if fc.enabled:
+            probe = probe_features(alg, self.meta, tt, state=res.state)
+            p_post, action = intel.post(task.id, x, probe, plan)
+            if plan.warm:
+                p_fail = p_post
+            action, alg, budget, res, extra = self._act(action, plan, x, alg, budget, res, tt, embedding, p_budget)
+            spent += extra
+            intel.count(action)
+            m.decisions.labels(action=action).inc()
         adapt_s = time.perf_counter() - t0
-        self.bucket.take(steps)
+        self.bucket.take(spent)
+        flags += res.flags
+        flags += {"escalate": ["escalated"], "switch": ["switched"], "fallback": ["fallback"],
+                  "abstain": ["likely_wrong"]}.get(action, [])
+        if intel.take_drift_flag():
+            flags.append("drift")
 
+        out = res.out
         if tt.kind == CLASSIFICATION:
             predictions = out.argmax(dim=-1).numpy()
         else:
             predictions = out.reshape(out.shape[0], *task.support_y.shape[1:]).numpy() if task.support_y.ndim > 1 \
                 else out.reshape(-1).numpy()
-        finite = bool(np.isfinite(out.numpy()).all())
-        if diverged:
+        finite_out = bool(np.isfinite(out.numpy()).all())
+        if res.diverged:
             flags.append("diverged")
-        if not finite:
+        if not finite_out:
             flags.append("nonfinite")
-        p_fail = difficulty
         latency = time.perf_counter() - received
-        outcome = Outcome(task.id, predictions, None if conf is None else conf.numpy(), alg.name, budget.to_dict(),
-                          steps, p_fail, tuple(flags), latency * 1000.0)
+        outcome = Outcome(task.id, predictions, None if res.conf is None else res.conf.numpy(), alg.name, budget.to_dict(),
+                          spent, p_fail, tuple(flags), latency * 1000.0)
 
         self.counters["tasks"] += 1
-        m.tasks.labels(algorithm=alg.name, outcome="answered" if finite and not diverged else "diverged").inc()
+        m.tasks.labels(algorithm=alg.name, outcome="answered" if finite_out and not res.diverged else "diverged").inc()
         m.adapt_seconds.labels(algorithm=alg.name).observe(adapt_s)
         m.task_seconds.labels(algorithm=alg.name).observe(latency)
-        m.inner_steps.labels(algorithm=alg.name).observe(steps)
-        m.ensemble_members.observe(members)
+        m.inner_steps.labels(algorithm=alg.name).observe(spent)
+        m.ensemble_members.observe(res.members)
         m.budget_tokens.set(self.bucket.available())
         m.p_fail.observe(p_fail)
 
-        entry = _Pending(task, arm, feats, predictions, budget.to_dict(), embedding, self._compact(state),
-                         self.clock())
+        online = {"x": x, "arm": str(plan.arm), "lam": plan.lam, "variants": plan.variants, "compute": spent,
+                  "predicted": bool(p_fail >= 0.5)}
+        entry = _Pending(task, self._arm_index.get(alg.name, arm), feats, predictions, budget.to_dict(), embedding,
+                         self._compact(res.state), self.clock(), online)
         if task.query_y is not None:
             self._learn(task, tt, entry)
         else:
@@ -601,6 +622,105 @@ class Agent:
                 self._expired("capacity")
             m.feedback_pending.set(len(self.pending))
         return outcome
+
+    # -- internals: the online intelligence's wiring -------------------------------------------
+    def _embedding(self, tt: TaskTensors) -> np.ndarray | None:
+        """The task's memory embedding (default algorithm), or ``None`` without memory or when degenerate."""
+        if self.memory is None:
+            return None
+        emb = task_embedding(self.learner, self.meta, tt, projection=self.projection)
+        return emb if np.isfinite(emb).all() and np.any(emb) else None
+
+    def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding) -> dict[str, float]:
+        """:func:`~agent.online.features.pre_features` plus the difficulty (a cold-start prior)."""
+        x = pre_features(self.learner, self.meta, tt, self.memory if embedding is not None else None,
+                         embedding=embedding, k=self.config.memory.k, loss_and_grad=self.config.failure.grad_features)
+        x["difficulty"] = feats["difficulty"]
+        x["log_norm_init_loss"] = math.log(max(feats["norm_init_loss"], 1e-12)) if math.isfinite(feats["norm_init_loss"]) \
+            else math.nan
+        return finite(x)
+
+    def _arm_and_base(self, plan: Plan, feats: Mapping[str, float]) -> tuple[int, Budget | None]:
+        """Index into ``agent.arms`` and base budget (``None``: adaptive) for the plan."""
+        if self.intel.selector is None:  # selector.policy: fixed (the original escalation rule)
+            i = self.policy.choose(feats)
+            a = self.config.agent.arms[i]
+            base = None if a.budget == "adaptive" else self.levels[min(int(a.budget), len(self.levels) - 1)]
+            plan.arm = next((x for x in self.intel.arms if x.algorithm == a.algorithm), plan.arm)
+            if "algorithm" in plan.overrides:
+                i = self._arm_index[plan.algorithm]
+            if "steps" in plan.overrides:
+                base = plan.base
+            return i, base
+        return self._arm_index[plan.algorithm], plan.base
+
+    def _algorithm(self, index: int, inner_lr: float | None = None) -> Algorithm:
+        """Arm ``index``'s algorithm, rebuilt with another ``inner_lr`` for an experiment variant."""
+        if inner_lr is None:
+            return self.algorithms[index]
+        key = (index, float(inner_lr))
+        if key not in self._variant_algs:
+            a = self.config.agent.arms[index]
+            hyper = dict(a.hyper())
+            if "inner_lr" in hyper:
+                hyper["inner_lr"] = float(inner_lr)
+            self._variant_algs[key] = build(a.algorithm, self.model, **hyper)
+        return self._variant_algs[key]
+
+    def _budget(self, base: Budget | None, p: float) -> tuple[Budget, bool]:
+        if base is not None:
+            return base, False
+        choice = choose_budget(p, self.levels, self.bucket.available())
+        return choice.budget, choice.capped
+
+    def _act(self, action: str, plan: Plan, x, alg: Algorithm, budget: Budget, res: _Adapted, tt: TaskTensors,
+             embedding, p_budget: float) -> tuple[str, Algorithm, Budget, _Adapted, int]:
+        """Apply a post-probe action: re-answer with more compute, another or the safe algorithm.
+
+        Returns the action actually applied (``"none"`` when it could not change anything),
+        the answering algorithm, budget and result, and the extra inner-step calls spent.
+        """
+        target = None
+        if action == "escalate":
+            nb = bump(budget, self.levels)
+            if nb == budget:
+                return "none", alg, budget, res, 0
+            target = (alg, nb)
+        elif action in ("switch", "fallback"):
+            arm = self.intel.alternative(x, alg.name) if action == "switch" else self.intel.safe_arm
+            if arm is None or (arm.algorithm == alg.name and action == "switch"):
+                return "none", alg, budget, res, 0
+            nb, _ = self._budget(None if arm.budget == 0 else Budget(int(arm.budget)), p_budget)
+            target = (self.algorithms[self._arm_index[arm.algorithm]], nb)
+        if target is None:
+            return action, alg, budget, res, 0  # none, abstain: the answer stands (abstain flags it)
+        new = self._adapt(target[0], tt, target[1], embedding)
+        return action, target[0], target[1], new, new.steps
+
+    def _adapt(self, alg: Algorithm, tt: TaskTensors, budget: Budget, embedding) -> _Adapted:
+        """Guarded adaptation, or an ensemble over memory neighbours when the budget has members."""
+        m, cc = self.metrics, self.config.compute
+        neighbours = []
+        if embedding is not None and len(self.memory) and budget.members > 1:
+            t0 = time.perf_counter()
+            neighbours = self.memory.query(embedding, self.config.memory.k)
+            m.memory_retrieval_seconds.observe(time.perf_counter() - t0)
+        guard = {"patience": cc.patience, "max_backtracks": cc.max_backtracks}
+        inits = [None] + self._inits(alg, neighbours, budget.members - 1) if alg.iterative else [None]
+        if len(inits) > 1:
+            res = ensemble_predict(alg, self.meta, tt, inits, max_steps=budget.steps, holdout=cc.holdout,
+                                   generator=self.generator, **guard)
+            m.memory_hits.inc(len(inits) - 1)
+            return _Adapted(res.members[res.best], res.prediction, res.confidence, res.step_calls,
+                            any(tr.diverged for tr in res.traces), len(inits), ["ensemble"])
+        state, trace = guarded_adapt(alg, self.meta, tt, budget.steps, **guard)
+        with torch.no_grad():
+            out = alg.predict(self.meta, state, tt.query_x).double()
+        conf = None
+        if tt.kind == CLASSIFICATION:
+            out = torch.softmax(out[..., : int(tt.n_way)], dim=-1)
+            conf = out.max(dim=-1).values
+        return _Adapted(state, out, conf, trace.step_calls, trace.diverged, 1, ["backtracked"] if trace.backtracks else [])
 
     def _inits(self, alg: Algorithm, neighbours, n: int) -> list[dict]:
         """Warm starts from memory: the meta-parameters plus each neighbour's stored delta."""
@@ -664,7 +784,49 @@ class Agent:
                 self._online_update()
         out = {"id": task.id, "failed": bool(score["failed"])}
         out.update({k: score[k] for k in ("accuracy", "mse") if k in score})
+        if entry.online and self._learn_online(task.id, score, entry.online):
+            out["drift"] = True
         return out
+
+    def _learn_online(self, task_id: str, score: Mapping[str, Any], info: Mapping[str, Any]) -> bool:
+        """Feed a labelled outcome to the online intelligence and export its state; True on a drift."""
+        m, intel = self.metrics, self.intel
+        failed = bool(score["failed"])
+        quality = quality_of(score)
+        got = intel.learn(task_id, info.get("x"), info.get("arm"), quality, failed, float(info.get("compute", 0)),
+                          float(info.get("lam", intel.lam)), info.get("variants", {}))
+        m.failure_predictions.labels(predicted=str(bool(info.get("predicted"))).lower(), actual=str(failed).lower()).inc()
+        for stage, q in intel.predictor.quality.items():
+            summ = q.summary()
+            m.failure_predictor_rocauc.labels(stage=stage).set(summ["rocauc"])
+            m.failure_predictor_logloss.labels(stage=stage).set(summ["logloss"])
+            m.failure_predictor_brier.labels(stage=stage).set(summ["brier"])
+        arm = info.get("arm")
+        if arm in intel.reward_n:
+            m.selector_reward.labels(arm=arm).set(intel.mean_reward(arm))
+        for e in got["drift"]:
+            m.drift_events.labels(signal=e.signal, detector=e.detector).inc()
+        for name in info.get("variants", {}):
+            self._export_experiment(name)
+        return bool(got["drift"])
+
+    def _export_experiment(self, name: str) -> None:
+        exp = self.intel.experiments.get(name)
+        if exp is None:
+            return
+        st, m = exp.status(), self.metrics
+        comps = {c.variant: c for c in st.comparisons}
+        for v, n in st.samples.items():
+            m.experiment_samples.labels(experiment=name, variant=v).set(n)
+            m.experiment_winner.labels(experiment=name, variant=v).set(1.0 if st.winner == v else 0.0)
+            if v in comps:
+                m.experiment_p_value.labels(experiment=name, variant=v).set(comps[v].p_value)
+                m.experiment_effect.labels(experiment=name, variant=v).set(comps[v].effect)
+
+    def status(self) -> dict[str, Any]:
+        """The online intelligence's state: experiments (effect, CI, p-value, samples, winner),
+        failure-predictor quality, actions applied, drift detections and selector pulls."""
+        return self.intel.status()
 
     def _new_optimizer(self) -> None:
         self.optimizer = torch.optim.Adam([self.meta[k] for k in self._trainable], lr=self.config.online.lr)
@@ -741,14 +903,15 @@ class Agent:
         self.metrics.feedback_expired.labels(reason=reason).inc()
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def state_files(self, stream: Mapping | None = None) -> dict[str, Any]:
-        """The checkpoint's files (see :meth:`save`)."""
+    def state_files(self, stream: Mapping | None = None, *, key: bytes | None = None,
+                    key_file: str | Path | None = None) -> dict[str, Any]:
+        """The checkpoint's files (see :meth:`save`); ``key``/``key_file`` authenticate the River state."""
         now = self.clock()
         pending_meta, pending_tensors = [], {}
         for i, (tid, p) in enumerate(self.pending.items()):
             pending_meta.append({"task": p.task.to_dict(), "arm": p.arm, "features": p.features,
                                  "predictions": np.asarray(p.predictions).tolist(), "budget": p.budget,
-                                 "age_s": now - p.created})
+                                 "age_s": now - p.created, "online": p.online})
             pending_tensors[str(i)] = {"state": p.state, "embedding": None if p.embedding is None
                                        else torch.from_numpy(np.array(p.embedding))}
         files: dict[str, Any] = {
@@ -765,6 +928,8 @@ class Agent:
                 "stream": dict(stream or {}), "saved_at": time.time(),
             },
         }
+        files[STATE_FILE] = persist.dumps(self.intel, key=key, key_file=key_file,
+                                          extra={"state_version": STATE_VERSION})
         if self.memory is not None:
             state = self.memory.state_dict()
             buf = io.BytesIO()
@@ -780,12 +945,16 @@ class Agent:
         (Adam state, generator state, replay tasks), ``memory.npz`` (the memory bank, no pickle),
         ``pending.json`` + ``pending.pt`` (tasks awaiting feedback), ``state.json`` (config,
         counters, answered ids, token bucket, policy, difficulty statistics, RNG state, and
-        ``stream``: source positions and the sink offset the caller passes).
+        ``stream``: source positions and the sink offset the caller passes), and ``online.state``:
+        the River state (failure predictor, selector, drift monitor, experiments) pickled with an
+        HMAC tag and a version stamp (:mod:`agent.online.persist`; the key is
+        ``$META_AGENT_STATE_KEY`` or ``state.key`` in ``directory``, created with mode 0600).
         """
         t0 = time.perf_counter()
         try:
             step = self.counters["records"]
-            path = ckpt.save(directory, step, self.state_files(stream), keep=keep or self.config.checkpoint.keep,
+            files = self.state_files(stream, key_file=Path(directory) / KEY_FILE)
+            path = ckpt.save(directory, step, files, keep=keep or self.config.checkpoint.keep,
                              meta={"kind": "agent", "tasks": self.counters["tasks"]})
         except Exception:
             self.metrics.checkpoint_failures.inc()
@@ -797,14 +966,37 @@ class Agent:
 
     @classmethod
     def load(cls, directory: str | Path, **kwargs) -> "Agent":
-        """An agent from a checkpoint (a checkpoint dir, or a dir of them: the newest good one)."""
-        found = ckpt.resolve(directory)
-        state = found.load("state.json")
-        agent = cls(Config.from_dict(state["config"]), **kwargs)
-        agent._restore(found, state)
-        return agent
+        """An agent from a checkpoint (a checkpoint dir, or a dir of them: the newest good one).
+
+        A checkpoint whose River state is refused (HMAC mismatch: tampered, or another key;
+        another River or Python version) is logged as an error and the previous good checkpoint
+        is tried instead; :class:`~agent.online.persist.StateError` when none is left.
+        """
+        directory = Path(directory)
+        first = ckpt.resolve(directory)
+        candidates = [first]
+        if first.path.resolve() != directory.resolve():  # a directory of checkpoints: older ones may stand in
+            older = [p for p in ckpt.list_checkpoints(first.path.parent) if p.name < first.path.name]
+            candidates += [ckpt.open_checkpoint(p, check=False) for p in reversed(older) if not ckpt.verify(p)]
+        error = None
+        for found in candidates:
+            state = found.load("state.json")
+            agent = cls(Config.from_dict(state["config"]), **kwargs)
+            try:
+                agent._restore(found, state)
+            except persist.StateError as e:
+                log.error("checkpoint %s refused: online state %s; falling back to the previous checkpoint", found.path, e)
+                error = e
+                continue
+            return agent
+        raise persist.StateError(f"{directory}: no checkpoint with acceptable online state ({error})")
 
     def _restore(self, found: ckpt.Checkpoint, state: dict) -> None:
+        if STATE_FILE in found:  # first: a refused River state must leave nothing half-restored
+            intel = persist.loads(found.load(STATE_FILE), key_file=found.path.parent / KEY_FILE)
+            if getattr(intel, "version", None) != STATE_VERSION:
+                raise persist.StateError(f"online state layout {getattr(intel, 'version', None)} is not {STATE_VERSION}")
+            self.intel = intel
         stored = found.load("meta.pt")
         with torch.no_grad():
             for k, v in stored.items():
@@ -839,7 +1031,7 @@ class Agent:
             emb = t["embedding"]
             self.pending[p["task"]["id"]] = _Pending(
                 task_from_dict(p["task"], limits=self.limits), p["arm"], p["features"], np.asarray(p["predictions"]),
-                p["budget"], None if emb is None else emb.numpy(), t["state"], now - float(p["age_s"]))
+                p["budget"], None if emb is None else emb.numpy(), t["state"], now - float(p["age_s"]), p.get("online", {}))
         self.metrics.feedback_pending.set(len(self.pending))
 
     # -- the loop ------------------------------------------------------------------------------

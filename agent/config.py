@@ -29,7 +29,7 @@ agent.config.ConfigError: train.meta_batch: must be >= 1, got 0
 >>> Config.from_dict({"trian": {}})
 Traceback (most recent call last):
 ...
-agent.config.ConfigError: trian: unknown key (known: model, algorithm, data, train, eval, agent, compute, memory, online, limits, checkpoint, metrics)
+agent.config.ConfigError: trian: unknown key (known: model, algorithm, data, train, eval, agent, compute, memory, online, limits, checkpoint, metrics, selector, failure, drift, experiments)
 >>> with_overrides(cfg, ["train.steps=20", "algorithm.inner_lr=0.1"]).train.steps
 20
 """
@@ -62,6 +62,10 @@ __all__ = [
     "LimitsConfig",
     "CheckpointConfig",
     "MetricsConfig",
+    "SelectorConfig",
+    "FailureConfig",
+    "DriftConfig",
+    "ExperimentConfig",
     "Config",
     "option",
     "load",
@@ -319,6 +323,121 @@ class OnlineConfig:
     fail_threshold: float = option(0.5, doc="accuracy below (classification) or normalised MSE above counts as failed")
 
 
+_POLICIES = ("contextual", "fixed", "ucb", "epsilon_greedy", "thompson", "bayes_ucb", "exp3", "random")
+_DETECTORS = ("adwin", "page_hinkley", "kswin", "hddm_a", "hddm_w", "ddm", "eddm", "fhddm", "none")
+_VARIANT_KEYS = ("inner_lr", "steps", "algorithm", "lam")
+
+
+def _check_arm_spec(spec: str, path: str, algorithms: Iterable[str]) -> None:
+    name, sep, units = spec.partition("@")
+    if name not in algorithms:
+        raise ConfigError(path, f"algorithm {name!r} is not one of agent.arms ({', '.join(algorithms)})")
+    if sep and not (units.isdigit()):
+        raise ConfigError(path, f"must look like 'algorithm@steps' with steps >= 0, got {spec!r}")
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    """Which (algorithm, budget) arm answers a task (:mod:`agent.online.selector`).
+
+    ``arms`` are ``"algorithm@steps"``: an algorithm of ``agent.arms`` (its hyperparameters) with a
+    base budget of ``steps`` inner steps, or ``@0``: a budget picked from ``compute.levels`` by the
+    predicted failure probability. Empty: one arm per ``agent.arms`` entry (``@0`` for an
+    ``adaptive`` budget, else the steps of its fixed level). ``policy`` ``contextual`` is the
+    per-arm River regressor with exploration; ``fixed`` is the original default/escalate rule of
+    ``agent``; the others are River's context-free policies (baselines).
+    """
+
+    policy: str = option("contextual", choices=_POLICIES)
+    arms: tuple[str, ...] = option((), doc="'algorithm@steps' (0: adaptive); empty: one per agent arm")
+    exploration: str = option("egreedy", choices=("egreedy", "ucb"))
+    epsilon: float = option(0.05, ge=0.0, le=1.0)
+    bonus: Optional[float] = option(None, ge=0.0, doc="count bonus; default 0.05 (egreedy) or 0.3 (ucb)")
+    burn_in: int = option(3, ge=0, doc="round-robin pulls per arm first")
+    lam: float = option(0.005, ge=0.0, doc="reward = quality - lam * inner-step calls")
+    reward_range: tuple[float, ...] = option((-1.0, 1.0), doc="reward scale for thompson, bayes_ucb, exp3")
+
+    def _validate(self, path: str) -> None:
+        if len(self.reward_range) != 2 or not self.reward_range[1] > self.reward_range[0]:
+            raise ConfigError(f"{path}.reward_range", f"must be [low, high] with high > low, got {list(self.reward_range)}")
+        if len(set(self.arms)) != len(self.arms):
+            raise ConfigError(f"{path}.arms", "arms must be distinct")
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    """The online failure predictor (:mod:`agent.online.failure`) and its actions.
+
+    A River ``StandardScaler | LogisticRegression`` per stage (before adaptation; after the
+    probe). Until ``warmup`` labelled tasks, ``p_fail`` is the difficulty estimate and no action
+    is taken. Then the pre-stage probability picks the budget (and escalates it at
+    ``escalate``), and the post-stage probability picks one action, from the most severe down:
+    ``abstain`` (flag ``likely_wrong``), ``fallback`` (re-answer with ``safe_arm``), ``switch``
+    (re-answer with the selector's best other algorithm), ``escalate`` (re-answer with the next
+    budget level).
+    """
+
+    enabled: bool = True
+    warmup: int = option(30, ge=0, doc="labelled tasks before p_fail is the predictor's")
+    prior: float = option(0.5, ge=0.0, le=1.0, doc="P(failure) before any label")
+    escalate: float = option(0.6, ge=0.0, le=1.0)
+    switch: float = option(0.8, ge=0.0, le=1.0)
+    fallback: float = option(0.9, ge=0.0, le=1.0)
+    abstain: float = option(0.97, ge=0.0, le=1.0)
+    safe_arm: Optional[str] = option(None, doc="'algorithm@steps' for fallback; default: the default agent arm")
+    grad_features: bool = option(True, doc="initial gradient norm as a feature (one backward pass)")
+    window: int = option(500, ge=10, doc="rolling window of AUC, log loss, Brier")
+
+    def _validate(self, path: str) -> None:
+        if not (self.escalate <= self.switch <= self.fallback <= self.abstain):
+            raise ConfigError(path, "thresholds must satisfy escalate <= switch <= fallback <= abstain")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Drift detection on outcomes (:mod:`agent.online.drift`) and the reaction to a detection."""
+
+    enabled: bool = True
+    quality_detector: str = option("adwin", choices=_DETECTORS)
+    failure_detector: str = option("hddm_a", choices=_DETECTORS)
+    boost_factor: float = option(3.0, ge=1.0, doc="selector exploration multiplier after a drift")
+    boost_tasks: int = option(100, ge=0, doc="choices the exploration boost lasts")
+    widen_tasks: int = option(50, ge=0, doc="tasks answered one budget level higher after a drift")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """An online A/B test (:mod:`agent.online.experiments`).
+
+    ``variants`` maps a variant name to overrides (``inner_lr``, ``steps``, ``algorithm``,
+    ``lam``); the first is the control. A task's variant comes from a stable hash of its id.
+    """
+
+    name: str = "experiment"
+    variants: dict[str, Any] = option(default_factory=dict)
+    split: Optional[dict[str, Any]] = None
+    metric: str = option("quality", choices=("quality", "reward"))
+    alpha: float = option(0.05, gt=0.0, lt=1.0)
+    min_samples: int = option(10, ge=2)
+
+    def _validate(self, path: str) -> None:
+        if len(self.variants) < 2:
+            raise ConfigError(f"{path}.variants", "needs at least two variants")
+        for v, over in self.variants.items():
+            if not isinstance(over, Mapping):
+                raise ConfigError(f"{path}.variants.{v}", "must be a mapping of overrides")
+            for k, val in over.items():
+                if k not in _VARIANT_KEYS:
+                    raise ConfigError(f"{path}.variants.{v}.{k}", f"unknown override (known: {', '.join(_VARIANT_KEYS)})")
+                if k in ("inner_lr", "lam") and (isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0):
+                    raise ConfigError(f"{path}.variants.{v}.{k}", f"must be a number >= 0, got {_show(val)}")
+                if k == "steps" and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
+                    raise ConfigError(f"{path}.variants.{v}.{k}", f"must be an integer >= 0, got {_show(val)}")
+        for k in (self.split or {}):
+            if k not in self.variants:
+                raise ConfigError(f"{path}.split.{k}", "not a variant")
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     """Input limits (:class:`agent.task.Limits`) plus the pending-feedback table's bounds."""
@@ -367,6 +486,25 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    experiments: tuple[ExperimentConfig, ...] = ()
+
+    def _validate(self, path: str) -> None:
+        algorithms = [a.algorithm for a in self.agent.arms]
+        for i, spec in enumerate(self.selector.arms):
+            _check_arm_spec(spec, f"selector.arms[{i}]", algorithms)
+        if self.failure.safe_arm is not None:
+            _check_arm_spec(self.failure.safe_arm, "failure.safe_arm", algorithms)
+        names = [e.name for e in self.experiments]
+        if len(set(names)) != len(names):
+            raise ConfigError("experiments", "experiment names must be distinct")
+        for i, e in enumerate(self.experiments):
+            for v, over in e.variants.items():
+                if "algorithm" in over and over["algorithm"] not in algorithms:
+                    raise ConfigError(f"experiments[{i}].variants.{v}.algorithm",
+                                      f"must be one of agent.arms ({', '.join(algorithms)})")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "Config":

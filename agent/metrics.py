@@ -30,11 +30,11 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 
-__all__ = ["PREFIX", "OUTCOMES", "STATES", "ROLLBACK_REASONS", "EXPIRY_REASONS", "INTERNAL_ERROR", "Metrics",
+__all__ = ["PREFIX", "OUTCOMES", "ACTIONS", "STAGES", "DRIFT_SIGNALS", "STATES", "ROLLBACK_REASONS", "EXPIRY_REASONS", "INTERNAL_ERROR", "Metrics",
            "build_metrics"]
 
 PREFIX = "metaagent_"
@@ -42,6 +42,9 @@ OUTCOMES = ("answered", "diverged", "error")  # per task at prediction time
 STATES = ("starting", "running", "draining", "stopped")
 ROLLBACK_REASONS = ("nonfinite_loss", "grad_norm", "nonfinite_params")
 EXPIRY_REASONS = ("ttl", "capacity")
+ACTIONS = ("none", "escalate", "switch", "fallback", "abstain")  # failure-predictor decisions applied
+STAGES = ("pre", "post")  # failure-predictor stages
+DRIFT_SIGNALS = ("quality", "failure")
 INTERNAL_ERROR = "internal"  # error label for a failure of the agent itself (not of the input)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -86,9 +89,23 @@ class Metrics:
     feedback_expired: Counter
     build_info: Info
     state: Enum
+    failure_predictions: Counter = None  # type: ignore[assignment]
+    failure_predictor_rocauc: Gauge = None  # type: ignore[assignment]
+    failure_predictor_logloss: Gauge = None  # type: ignore[assignment]
+    failure_predictor_brier: Gauge = None  # type: ignore[assignment]
+    decisions: Counter = None  # type: ignore[assignment]
+    selector_pulls: Counter = None  # type: ignore[assignment]
+    selector_reward: Gauge = None  # type: ignore[assignment]
+    drift_events: Counter = None  # type: ignore[assignment]
+    experiment_samples: Gauge = None  # type: ignore[assignment]
+    experiment_p_value: Gauge = None  # type: ignore[assignment]
+    experiment_effect: Gauge = None  # type: ignore[assignment]
+    experiment_winner: Gauge = None  # type: ignore[assignment]
 
 
-def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = (), version: str | None = None) -> Metrics:
+def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = (), version: str | None = None,
+                  arms: Iterable[str] = (), detectors: Mapping[str, str] | None = None,
+                  experiments: Mapping[str, Sequence[str]] | None = None) -> Metrics:
     """Create the agent's metrics on ``registry``.
 
     Parameters
@@ -99,6 +116,12 @@ def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = ()
         Algorithm names the agent may use: their series are created at zero.
     version
         For ``metaagent_build_info`` (default: the package version).
+    arms
+        Selector arm labels (``"algorithm@steps"``, a closed set from the config).
+    detectors
+        ``{signal: detector name}`` of the drift monitor (``quality``, ``failure``).
+    experiments
+        ``{experiment name: variant names}`` from the config.
 
     Returns
     -------
@@ -121,6 +144,17 @@ def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = ()
         ``metaagent_checkpoint_failures_total``), ``feedback_*`` (``metaagent_feedback_pending``,
         ``_joined_total``, ``_unmatched_total``, ``_expired_total{reason}``), ``build_info``
         (``metaagent_build_info``) and ``state`` (``metaagent_agent_state``).
+
+        Online intelligence: ``failure_predictions``
+        (``metaagent_failure_predictions_total{predicted,actual}``: the confusion counts of
+        ``p_fail >= 0.5`` against the labelled outcome), ``failure_predictor_rocauc`` /
+        ``_logloss`` / ``_brier`` (``metaagent_failure_predictor_rocauc{stage}`` etc.: rolling
+        quality of the pre and post stages), ``decisions`` (``metaagent_decisions_total{action}``:
+        actions applied), ``selector_pulls`` (``metaagent_selector_pulls_total{arm}``),
+        ``selector_reward`` (``metaagent_selector_mean_reward{arm}``), ``drift_events``
+        (``metaagent_drift_events_total{signal,detector}``) and per experiment and variant
+        ``metaagent_experiment_samples``, ``_p_value``, ``_effect`` (variant minus control) and
+        ``_winner`` (1 for the declared winner).
     """
     from agent.task import ERROR_CODES
 
@@ -172,6 +206,39 @@ def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = ()
         build_info=Info(p + "build", "Version of the agent.", **r),
         state=Enum(p + "agent_state", "Lifecycle state of the agent.", states=list(STATES), **r),
     )
+    stage, arm, exv = ["stage"], ["arm"], ["experiment", "variant"]
+    m.failure_predictions = Counter(p + "failure_predictions", "Labelled tasks by predicted (p_fail >= 0.5) and actual failure.",
+                                    ["predicted", "actual"], **r)
+    m.failure_predictor_rocauc = Gauge(p + "failure_predictor_rocauc", "Rolling ROC AUC of the failure predictor.", stage, **r)
+    m.failure_predictor_logloss = Gauge(p + "failure_predictor_logloss", "Rolling log loss of the failure predictor.", stage, **r)
+    m.failure_predictor_brier = Gauge(p + "failure_predictor_brier", "Rolling Brier score of the failure predictor.", stage, **r)
+    m.decisions = Counter(p + "decisions", "Failure-predictor actions applied, by action.", ["action"], **r)
+    m.selector_pulls = Counter(p + "selector_pulls", "Arms chosen by the selector.", arm, **r)
+    m.selector_reward = Gauge(p + "selector_mean_reward", "Mean reward (quality - lambda * compute) per arm.", arm, **r)
+    m.drift_events = Counter(p + "drift_events", "Drifts detected, by signal and detector.", ["signal", "detector"], **r)
+    m.experiment_samples = Gauge(p + "experiment_samples", "Observations per experiment variant.", exv, **r)
+    m.experiment_p_value = Gauge(p + "experiment_p_value", "Always-valid p-value of a variant against the control.", exv, **r)
+    m.experiment_effect = Gauge(p + "experiment_effect", "Variant mean minus control mean.", exv, **r)
+    m.experiment_winner = Gauge(p + "experiment_winner", "1 for the declared winner of an experiment, else 0.", exv, **r)
+    for st in STAGES:
+        for g in (m.failure_predictor_rocauc, m.failure_predictor_logloss, m.failure_predictor_brier):
+            g.labels(stage=st).set(float("nan"))
+    for pred in ("true", "false"):
+        for act in ("true", "false"):
+            m.failure_predictions.labels(predicted=pred, actual=act)
+    for a in ACTIONS:
+        m.decisions.labels(action=a)
+    for a in dict.fromkeys(arms):
+        m.selector_pulls.labels(arm=a)
+        m.selector_reward.labels(arm=a).set(float("nan"))
+    for signal, det in (detectors or {}).items():
+        m.drift_events.labels(signal=signal, detector=det)
+    for name, variants in (experiments or {}).items():
+        for v in variants:
+            m.experiment_samples.labels(experiment=name, variant=v).set(0)
+            m.experiment_winner.labels(experiment=name, variant=v).set(0)
+            m.experiment_p_value.labels(experiment=name, variant=v).set(1.0)
+            m.experiment_effect.labels(experiment=name, variant=v).set(float("nan"))
     m.build_info.info({"version": str(version)})
     for code in (*ERROR_CODES, INTERNAL_ERROR):
         m.input_errors.labels(code=code)

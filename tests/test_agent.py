@@ -205,7 +205,8 @@ def test_policy_and_difficulty_are_small_pure_parts():
 
 def test_escalation_arm_and_fixed_budget():
     cfg = {**SMALL, "agent": {"in_shape": [1], "out_dim": 1, "escalate_arm": 1, "escalate_above": 0.0,
-                              "arms": [{"algorithm": "maml"}, {"algorithm": "metasgd", "budget": 0}]}}
+                              "arms": [{"algorithm": "maml"}, {"algorithm": "metasgd", "budget": 0}]},
+           "selector": {"policy": "fixed"}}  # the original default/escalate rule
     agent = Agent.from_config(cfg)
     o = agent.step(sine_task(np.random.default_rng(7), 0))
     assert o.algorithm == "metasgd" and o.budget == {"steps": 1, "members": 1}

@@ -1,0 +1,237 @@
+"""The agent's online intelligence: the River pieces of :mod:`agent.online` held together.
+
+:class:`OnlineIntelligence` owns the failure predictor, the arm selector, the drift monitor and
+the A/B experiments of one :class:`~agent.agent.Agent`, and nothing that touches tensors: the
+agent computes features and adapts, this object decides (arm, budget, action) and learns from
+outcomes. Everything it holds pickles, so the whole object is the River state the checkpoint
+saves (authenticated by :mod:`agent.online.persist`).
+
+Pure helpers (:func:`arm_specs`, :func:`quality_of`, :func:`bump`) are module functions.
+
+Conventions
+-----------
+* Arms are ``algorithm@steps`` (:class:`~agent.online.selector.Arm`): an algorithm of
+  ``agent.arms`` with a base budget of ``steps`` inner steps and one member, or ``@0``: a budget
+  picked from ``compute.levels`` by the failure probability (``choose_budget``).
+* Quality is in [0, 1], higher is better, for both kinds: the query accuracy (classification), or
+  ``1 / (1 + nmse)`` with ``nmse`` the query MSE over the target variance (regression: 1 is a
+  perfect fit, 0.5 is "as good as predicting the mean"). A diverged task has quality NaN, which
+  :func:`~agent.online.selector.reward` maps to -1.
+* Reward = quality - lam * inner-step calls spent (all members, backtracks, re-answers).
+
+Examples
+--------
+>>> from agent.config import Config
+>>> cfg = Config.from_dict({"agent": {"arms": [{"algorithm": "maml"}, {"algorithm": "anil", "budget": 1}]},
+...                         "compute": {"levels": [[1, 1], [5, 1]]}})
+>>> [str(a) for a in arm_specs(cfg)]
+['maml@0', 'anil@5']
+>>> quality_of({"accuracy": 0.8}), quality_of({"mse": 1.0, "nmse": 1.0})
+(0.8, 0.5)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from agent.compute import Budget, BudgetLevels
+from agent.online.drift import DriftEvent, DriftMonitor
+from agent.online.experiments import Experiment
+from agent.online.failure import ACTIONS, DecisionThresholds, FailurePredictor, decide
+from agent.online.selector import Arm, ContextFreeSelector, ContextualSelector, parse_arm, reward
+
+__all__ = ["OnlineIntelligence", "Plan", "arm_specs", "quality_of", "bump", "STATE_VERSION"]
+
+#: version of the pickled :class:`OnlineIntelligence` layout (checked on restore)
+STATE_VERSION = 1
+
+
+def arm_specs(config) -> list[Arm]:
+    """The selector's arms from ``selector.arms``, or one per ``agent.arms`` entry (see module notes)."""
+    if config.selector.arms:
+        return [parse_arm(s) for s in config.selector.arms]
+    out: list[Arm] = []
+    for a in config.agent.arms:
+        steps = 0 if a.budget == "adaptive" else config.compute.levels[min(int(a.budget), len(config.compute.levels) - 1)][0]
+        arm = Arm(a.algorithm, int(steps))
+        if arm not in out:
+            out.append(arm)
+    return out
+
+
+def quality_of(score: Mapping[str, Any]) -> float:
+    """Quality in [0, 1] of a scored task (NaN when it diverged); see the module notes."""
+    if "accuracy" in score:
+        return float(score["accuracy"])
+    nmse = float(score.get("nmse", math.inf))
+    return 1.0 / (1.0 + nmse) if math.isfinite(nmse) else math.nan
+
+
+def bump(budget: Budget, levels: BudgetLevels) -> Budget:
+    """The cheapest level of ``levels`` costing more than ``budget`` (``budget`` itself at the top).
+
+    Examples
+    --------
+    >>> lv = BudgetLevels.from_config({"levels": [[1, 1], [5, 1], [10, 2]]})
+    >>> bump(Budget(1), lv), bump(Budget(3), lv), bump(Budget(10, 2), lv)
+    (Budget(steps=5, members=1), Budget(steps=5, members=1), Budget(steps=10, members=2))
+    """
+    for i in range(len(levels)):
+        if levels[i].units > budget.units:
+            return levels[i]
+    return budget
+
+
+@dataclass
+class Plan:
+    """What was decided for one task before adaptation."""
+
+    arm: Arm
+    algorithm: str
+    base: Budget | None  # None: adaptive (pick a level by p_fail)
+    p_pre: float
+    warm: bool
+    variants: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    lam: float = 0.0
+
+
+class OnlineIntelligence:
+    """Failure predictor, selector, drift monitor and experiments of one agent (module docstring).
+
+    Parameters
+    ----------
+    config
+        The agent's :class:`~agent.config.Config` (sections ``selector``, ``failure``, ``drift``,
+        ``experiments``).
+    seed
+        Seed of the selector's rng.
+    """
+
+    def __init__(self, config, seed: int = 0):
+        sc, fc, dc = config.selector, config.failure, config.drift
+        self.version = STATE_VERSION
+        self.arms = arm_specs(config)
+        self.policy = sc.policy
+        self.lam = float(sc.lam)
+        if sc.policy == "contextual":
+            self.selector = ContextualSelector(self.arms, exploration=sc.exploration, epsilon=sc.epsilon, bonus=sc.bonus,
+                                               burn_in=sc.burn_in, seed=seed)
+        elif sc.policy == "fixed":
+            self.selector = None  # the agent's original Policy decides
+        else:
+            self.selector = ContextFreeSelector(self.arms, sc.policy, burn_in=max(1, sc.burn_in),
+                                                reward_range=tuple(sc.reward_range), seed=seed)
+        self.thresholds = DecisionThresholds(fc.escalate, fc.switch, fc.fallback, fc.abstain)
+        self.predictor = FailurePredictor(thresholds=self.thresholds, prior=fc.prior, window_size=fc.window)
+        self.warmup = int(fc.warmup)
+        default = config.agent.arms[config.agent.default_arm]
+        self.safe_arm = parse_arm(fc.safe_arm) if fc.safe_arm else Arm(default.algorithm, 0 if default.budget == "adaptive"
+                                                                        else int(config.compute.levels[min(int(default.budget), len(config.compute.levels) - 1)][0]))
+        self.drift = DriftMonitor(dc.quality_detector, dc.failure_detector) if dc.enabled else None
+        self.boost = (float(dc.boost_factor), int(dc.boost_tasks))
+        self.widen_tasks = int(dc.widen_tasks)
+        self.widen_left = 0
+        self.experiments = {e.name: Experiment(e.name, e.variants, e.split or None, e.metric, e.alpha,
+                                               min_samples=e.min_samples) for e in config.experiments}
+        self.actions: Counter = Counter()
+        self.reward_sum: dict[str, float] = {str(a): 0.0 for a in self.arms}
+        self.reward_n: dict[str, int] = {str(a): 0 for a in self.arms}
+        self.drift_pending = 0  # drift events not yet shown in an output record's flags
+
+    # -- before adaptation --------------------------------------------------------------------
+    @property
+    def warm(self) -> bool:
+        """Whether the predictor has learned from ``warmup`` labelled tasks (its p_fail is used)."""
+        return self.predictor.n_learned["pre"] >= self.warmup
+
+    def plan(self, task_id: str, x: Mapping[str, float]) -> Plan:
+        """Arm, experiment variants and pre-stage P(failure) for a task with pre-features ``x``."""
+        p_pre = self.predictor.predict_pre(x)
+        arm = self.selector.choose(x) if self.selector is not None else self.arms[0]
+        variants, overrides = {}, {}
+        for name, exp in self.experiments.items():
+            v = exp.assign(task_id)
+            variants[name] = v
+            overrides.update(exp.overrides(v))
+        algorithm = str(overrides.get("algorithm", arm.algorithm))
+        base = None if arm.budget == 0 else Budget(int(arm.budget))
+        if "steps" in overrides:
+            base = Budget(int(overrides["steps"]))
+        return Plan(arm, algorithm, base, p_pre, self.warm, variants, overrides, float(overrides.get("lam", self.lam)))
+
+    def escalate_pre(self, plan: Plan) -> bool:
+        """Whether to start one budget level higher: a warm pre-stage ``escalate``, or a recent drift."""
+        widen = self.widen_left > 0
+        if widen:
+            self.widen_left -= 1
+        return widen or (plan.warm and decide(p_pre=plan.p_pre, thresholds=self.thresholds) == "escalate")
+
+    # -- after the probe ----------------------------------------------------------------------
+    def post(self, task_id: str, x_pre: Mapping[str, float], x_probe: Mapping[str, float], plan: Plan) -> tuple[float, str]:
+        """Post-stage P(failure) (remembered for the delayed label) and the action it calls for."""
+        _, p_post = self.predictor.observe(task_id, x_pre, x_probe)
+        action = decide(p_post, thresholds=self.thresholds) if plan.warm else "none"
+        return float(p_post), action
+
+    def alternative(self, x: Mapping[str, float], exclude: str) -> Arm | None:
+        """The best arm (by the selector's prediction) whose algorithm is not ``exclude``."""
+        others = [a for a in self.arms if a.algorithm != exclude]
+        if not others:
+            return None
+        if isinstance(self.selector, ContextualSelector):
+            pred = self.selector.predict(x)
+            return max(others, key=lambda a: pred[a])
+        return others[0]
+
+    def count(self, action: str) -> None:
+        self.actions[action] += 1
+
+    # -- when labels arrive -------------------------------------------------------------------
+    def learn(self, task_id: str, x: Mapping[str, float] | None, arm: str | None, quality: float, failed: bool,
+              compute: float, lam: float, variants: Mapping[str, str]) -> dict[str, Any]:
+        """Feed an outcome to every piece; returns ``{"reward", "drift": [DriftEvent]}``."""
+        self.predictor.learn(task_id, failed=failed)
+        r = reward(quality, compute, lam)
+        if self.selector is not None and arm is not None and x is not None:
+            a = parse_arm(arm)
+            if a in self.selector.counts:
+                self.selector.learn(x, a, r)
+        if arm in self.reward_n:
+            self.reward_sum[arm] += r
+            self.reward_n[arm] += 1
+        for name, v in variants.items():
+            exp = self.experiments.get(name)
+            if exp is not None and v in exp.counts:
+                exp.record(v, r if exp.metric == "reward" else quality)
+        events: list[DriftEvent] = []
+        if self.drift is not None:
+            events = self.drift.update(quality=quality if math.isfinite(quality) else 0.0, failed=failed)
+            if events:
+                if self.selector is not None and self.boost[1] > 0:
+                    self.selector.boost_exploration(*self.boost)
+                self.widen_left = self.widen_tasks
+                self.drift_pending += 1
+        return {"reward": r, "drift": events}
+
+    def mean_reward(self, arm: str) -> float:
+        """Mean reward of ``arm`` so far (NaN before its first labelled pull)."""
+        n = self.reward_n.get(arm, 0)
+        return self.reward_sum[arm] / n if n else math.nan
+
+    def take_drift_flag(self) -> bool:
+        """Whether a drift was detected since the last output record (consumes the flag)."""
+        if self.drift_pending:
+            self.drift_pending = 0
+            return True
+        return False
+
+    def status(self) -> dict[str, Any]:
+        """Experiments' status (effect, CI, p-value, samples, winner) and the predictor's summary."""
+        return {"experiments": {n: e.status().as_dict() for n, e in self.experiments.items()},
+                "failure": self.predictor.summary(), "actions": {a: self.actions.get(a, 0) for a in ACTIONS},
+                "drift": dict(self.drift.n_detections) if self.drift is not None else {},
+                "selector": {str(a): n for a, n in self.selector.counts.items()} if self.selector is not None else {}}
