@@ -38,12 +38,18 @@ SEL = 'job=~"$job", instance=~"$instance"'
 ALG = SEL + ', algorithm=~"$algorithm"'
 DIVERGED = ALG + ', outcome="diverged"'
 RI = "$__rate_interval"
+EXP = SEL + ', experiment=~"$experiment"'
 
 
 # -- PromQL helpers --------------------------------------------------------------------------
 def rate(metric: str, sel: str = SEL, by: str | None = None) -> str:
     inner = f"rate({metric}{{{sel}}}[{RI}])"
     return f"sum by ({by}) ({inner})" if by else f"sum({inner})"
+
+
+def cell(predicted: str, actual: str) -> str:
+    """Rate of one cell of the failure predictor's confusion matrix."""
+    return rate("metaagent_failure_predictions_total", f'{SEL}, predicted="{predicted}", actual="{actual}"')
 
 
 def quantile(q: float, hist: str, sel: str = SEL, by: str = "") -> str:
@@ -88,9 +94,9 @@ def timeseries(title: str, tgts: list[dict], unit: str = "short", *, desc: str =
 
 def stat(title: str, tgts: list[dict], unit: str = "short", *, desc: str = "", w: int = 4, h: int = 4,
          text_mode: str = "auto", thresholds: list[tuple[float | None, str]] | None = None,
-         decimals: int | None = None) -> dict:
+         decimals: int | None = None, mappings: list[dict] | None = None) -> dict:
     steps = [{"color": c, "value": v} for v, c in (thresholds or [(None, "green")])]
-    defaults = {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}, "mappings": []}
+    defaults = {"unit": unit, "thresholds": {"mode": "absolute", "steps": steps}, "mappings": mappings or []}
     if decimals is not None:
         defaults["decimals"] = decimals
     return {"type": "stat", "title": title, "description": desc, "datasource": DS, "targets": tgts,
@@ -202,6 +208,50 @@ def rows() -> list[tuple[str, list[dict]]]:
                 (f'{rate("metaagent_task_failures_total", ALG, "algorithm")} / '
                  f'{rate("metaagent_labelled_tasks_total", ALG, "algorithm")}', "{{algorithm}}")),
                 "percentunit", w=12, min_=0, max_=1),
+            timeseries("Failure predictor confusion rates", targets(
+                (f"{cell('true', 'true')} / ({cell('true', 'true')} + {cell('false', 'true')})",
+                 "recall (true positive rate)"),
+                (f"{cell('true', 'false')} / ({cell('true', 'false')} + {cell('false', 'false')})",
+                 "false positive rate"),
+                (f"{cell('true', 'true')} / ({cell('true', 'true')} + {cell('true', 'false')})", "precision")),
+                "percentunit", w=8, min_=0, max_=1,
+                desc="From metaagent_failure_predictions_total{predicted,actual} (predicted: p_fail >= 0.5; "
+                     "actual: the labelled outcome), over the rate window."),
+            timeseries("Rolling ROC AUC by stage", targets(
+                (f"avg by (instance, stage) (metaagent_failure_predictor_rocauc{{{SEL}}})", "{{instance}} {{stage}}")),
+                "short", w=8, min_=0, max_=1,
+                desc="Rolling ROC AUC of the pre-adaptation and post-probe predictors over the last failure.window "
+                     "labels (0.5: no better than chance; empty until both outcomes were seen). "
+                     "MetaAgentFailurePredictorDegraded fires below 0.6."),
+            timeseries("Rolling log loss and Brier score by stage", targets(
+                (f"avg by (instance, stage) (metaagent_failure_predictor_logloss{{{SEL}}})",
+                 "{{instance}} {{stage}} log loss"),
+                (f"avg by (instance, stage) (metaagent_failure_predictor_brier{{{SEL}}})",
+                 "{{instance}} {{stage}} Brier")), "short", w=8, min_=0,
+                desc="Rolling proper scoring rules of the failure predictor (lower is better; Brier 0.25 = "
+                     "always predicting 0.5)."),
+            timeseries("Failure-predictor decisions / s by action", targets(
+                (rate("metaagent_decisions_total", SEL, "action"), "{{action}}")), "ops", w=12, stack=True,
+                desc="Action applied after the post-probe prediction: none, escalate (next budget level), switch "
+                     "(best other algorithm), fallback (safe arm), abstain (answer flagged likely_wrong)."),
+            timeseries("Labelled tasks by predicted / actual failure", targets(
+                (f'{rate("metaagent_failure_predictions_total", SEL, "predicted, actual")} / on() group_left() '
+                 f'{rate("metaagent_failure_predictions_total", SEL)}', "predicted {{predicted}}, actual {{actual}}")),
+                "percentunit", w=12, stack=True, min_=0, max_=1,
+                desc="Share of the confusion-matrix cells among labelled tasks."),
+        ]),
+        ("Algorithm selection", [
+            timeseries("Selector pulls / s by arm", targets(
+                (rate("metaagent_selector_pulls_total", SEL, "arm"), "{{arm}}")), "ops", w=8, stack=True,
+                desc="Arms (algorithm@steps; @0 = budget from compute.levels) chosen by the selector."),
+            timeseries("Share of pulls by arm", targets(
+                (f'{rate("metaagent_selector_pulls_total", SEL, "arm")} / on() group_left() '
+                 f'{rate("metaagent_selector_pulls_total", SEL)}', "{{arm}}")), "percentunit", w=8, stack=True,
+                min_=0, max_=1),
+            timeseries("Selector mean reward by arm", targets(
+                (f"avg by (instance, arm) (metaagent_selector_mean_reward{{{SEL}}})", "{{instance}} {{arm}}")),
+                "short", w=8, desc="Mean reward (quality - selector.lam * inner-step calls) per arm; empty "
+                                   "until the arm was pulled and scored."),
         ]),
         ("Algorithm mix", [
             timeseries("Share of tasks by algorithm", targets(
@@ -253,6 +303,38 @@ def rows() -> list[tuple[str, list[dict]]]:
             timeseries("Online meta-loss", targets(
                 (f"avg by (instance) (metaagent_online_meta_loss{{{SEL}}})", "{{instance}}")), "short", w=8,
                 desc="Meta-loss of the last online update batch."),
+        ]),
+        ("Drift", [
+            timeseries("Drift events by signal and detector", targets(
+                (f"sum by (signal, detector) (increase(metaagent_drift_events_total{{{SEL}}}[{RI}]))",
+                 "{{signal}} ({{detector}})")), "short", w=16,
+                desc="Drifts detected on the quality and failure signals (also shown as dashboard annotations). "
+                     "After one the selector explores more (drift.boost_*) and budgets widen (drift.widen_tasks)."),
+            stat("Drift events in range", targets(
+                (f"sum(increase(metaagent_drift_events_total{{{SEL}}}[$__range]))", "drifts")), "short", w=8,
+                 thresholds=[(None, "green"), (1, "orange")], decimals=0),
+        ]),
+        ("A/B experiments", [
+            timeseries("Samples by variant", targets(
+                (f"max by (instance, experiment, variant) (metaagent_experiment_samples{{{EXP}}})",
+                 "{{instance}} {{experiment}}/{{variant}}")), "short", w=6,
+                desc="Observations per variant (tasks are assigned by a stable hash of their id)."),
+            timeseries("Always-valid p-value by variant", targets(
+                (f"max by (instance, experiment, variant) (metaagent_experiment_p_value{{{EXP}}})",
+                 "{{instance}} {{experiment}}/{{variant}}")), "short", w=6, min_=0, max_=1,
+                desc="Sequential p-value of each variant against the control (the control stays at 1); a "
+                     "variant wins once it drops below the experiment's alpha, safe to watch continuously."),
+            timeseries("Effect (variant - control)", targets(
+                (f"max by (instance, experiment, variant) (metaagent_experiment_effect{{{EXP}}})",
+                 "{{instance}} {{experiment}}/{{variant}}")), "short", w=6,
+                desc="Variant mean minus control mean of the experiment's metric (quality or reward)."),
+            stat("Winner", targets(
+                (f"max by (instance, experiment, variant) (metaagent_experiment_winner{{{EXP}}})",
+                 "{{instance}} {{experiment}}/{{variant}}")), "short", w=6, text_mode="value_and_name",
+                 thresholds=[(None, "text"), (1, "green")], decimals=0,
+                 mappings=[{"type": "value", "options": {"0": {"text": "-", "index": 0},
+                                                         "1": {"text": "winner", "index": 1}}}],
+                 desc="1 (winner) for the variant declared the winner of its experiment."),
         ]),
         ("Checkpoints and health", [
             stat("Targets up", targets((f"sum(up{{{SEL}}})", "up")), "short", w=4,
@@ -306,6 +388,15 @@ def query_variable(name: str, label: str, query: str) -> dict:
             "current": {}, "options": [], "hide": 0, "skipUrlSync": False}
 
 
+def drift_annotation() -> dict:
+    """A Grafana annotation at every step in which a drift detector fired."""
+    expr = (f"sum by (instance, signal, detector) (increase(metaagent_drift_events_total{{{SEL}}}[{RI}])) > 0")
+    return {"name": "Drift events", "datasource": DS, "enable": True, "hide": False, "iconColor": "orange",
+            "expr": expr, "step": "1m", "titleFormat": "Drift: {{signal}}",
+            "textFormat": "{{instance}}: {{detector}} detected a drift in the {{signal}} signal",
+            "tagKeys": "signal,detector", "useValueForTime": False}
+
+
 def build() -> dict:
     return {
         "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus", "description": "Prometheus scraping meta-agent",
@@ -320,7 +411,7 @@ def build() -> dict:
         "uid": UID,
         "title": TITLE,
         "description": "Streaming online meta-learning agent: throughput, latency, quality, failure prediction, "
-                       "compute, memory, online learning, checkpoints. Generated by dashboards/build_dashboard.py.",
+                       "algorithm selection, compute, memory, online learning, drift, A/B experiments, checkpoints. Generated by dashboards/build_dashboard.py.",
         "tags": ["meta-agent", "prometheus"],
         "editable": True,
         "graphTooltip": 1,
@@ -334,8 +425,7 @@ def build() -> dict:
         "version": 1,
         "weekStart": "",
         "links": [],
-        # Drift events are not exported by the agent yet; annotations would go here.
-        "annotations": {"list": []},
+        "annotations": {"list": [drift_annotation()]},
         "templating": {"list": [
             {"type": "datasource", "name": "DS_PROMETHEUS", "label": "Data source", "query": "prometheus",
              "regex": "", "current": {}, "options": [], "refresh": 1, "hide": 0, "includeAll": False,
@@ -344,6 +434,8 @@ def build() -> dict:
             query_variable("instance", "Instance", 'label_values(metaagent_build_info{job=~"$job"}, instance)'),
             query_variable("algorithm", "Algorithm",
                            'label_values(metaagent_tasks_total{job=~"$job", instance=~"$instance"}, algorithm)'),
+            query_variable("experiment", "Experiment",
+                           'label_values(metaagent_experiment_samples{job=~"$job", instance=~"$instance"}, experiment)'),
         ]},
         "panels": layout(rows()),
     }

@@ -218,8 +218,43 @@ def test_panel_ids_unique_and_grid_fits():
 
 def test_rows_cover_the_issue():
     titles = [p["title"] for p in load_dashboard()["panels"] if p["type"] == "row"]
-    assert titles == ["Throughput and errors", "Latency", "Quality over time", "Failure prediction", "Algorithm mix",
-                      "Compute spent", "Memory", "Online meta-learning", "Checkpoints and health"]
+    assert titles == ["Throughput and errors", "Latency", "Quality over time", "Failure prediction",
+                      "Algorithm selection", "Algorithm mix", "Compute spent", "Memory", "Online meta-learning", "Drift",
+                      "A/B experiments", "Checkpoints and health"]
+
+
+def _row_exprs(title: str) -> str:
+    """Every target expression of the panels under the row ``title``, joined."""
+    out, inside = [], False
+    for p in load_dashboard()["panels"]:
+        if p["type"] == "row":
+            inside = p["title"] == title
+        elif inside:
+            out += [t["expr"] for t in p["targets"]]
+    return "\n".join(out)
+
+
+def test_online_intelligence_panels():
+    fp = _row_exprs("Failure prediction")
+    for name in ("metaagent_failure_predictions_total", "metaagent_failure_predictor_rocauc",
+                 "metaagent_failure_predictor_logloss", "metaagent_failure_predictor_brier", "metaagent_decisions_total"):
+        assert name in fp, name
+    assert 'predicted="true", actual="false"' in fp and "by (action)" in fp
+    sel = _row_exprs("Algorithm selection")
+    assert "by (arm)" in sel and "metaagent_selector_mean_reward" in sel
+    assert "metaagent_drift_events_total" in _row_exprs("Drift")
+    exp = _row_exprs("A/B experiments")
+    for name in ("samples", "p_value", "effect", "winner"):
+        assert f"metaagent_experiment_{name}" in exp, name
+    assert 'experiment=~"$experiment"' in exp
+
+
+def test_drift_annotation():
+    (a,) = load_dashboard()["annotations"]["list"]
+    assert a["enable"] and a["name"] == "Drift events"
+    assert re.fullmatch(r"sum by \(instance, signal, detector\) \(increase\(metaagent_drift_events_total\{[^}]*\}"
+                        r"\[\$__rate_interval\]\)\) > 0", a["expr"]), a["expr"]
+    assert {"signal", "detector"} <= set(a["tagKeys"].split(","))
 
 
 def test_every_datasource_is_the_variable():
@@ -340,7 +375,8 @@ def test_rules_check():
     assert r.returncode == 0, r.stdout + r.stderr
     names = [n for kind, n, _ in rule_exprs(load_rules()) if kind == "alert"]
     for wanted in ("MetaAgentDown", "MetaAgentNoTasksProcessed", "MetaAgentInputErrorRateHigh", "MetaAgentAccuracyDrop",
-                   "MetaAgentMSERise", "MetaAgentFailureRateHigh", "MetaAgentCheckpointStale"):
+                   "MetaAgentMSERise", "MetaAgentFailureRateHigh", "MetaAgentCheckpointStale",
+                   "MetaAgentFailurePredictorDegraded"):
         assert wanted in names
     for g in load_rules()["groups"]:
         for rule in g["rules"]:

@@ -2,7 +2,10 @@
 
 Two daemons run as subprocesses, as operators run them:
 
-* ``regression``: ``python -m agent run --stream sinusoid-demo`` (regression, delayed labels);
+* ``regression``: ``python -m agent run --stream sinusoid-demo`` (regression, delayed labels), with
+  an A/A experiment configured through ``--set experiments=...`` (two variants without overrides),
+  so the ``metaagent_experiment_*`` gauges, which only exist for configured experiments, and the
+  ``$experiment`` variable have data;
 * ``classification``: ``python -m agent run --input FILE --follow`` on a JSON Lines file that a
   thread keeps appending 2-way classification tasks to, with malformed records mixed in, so
   accuracy and the input-error counters have data too.
@@ -11,9 +14,10 @@ Prometheus (Debian's ``prometheus`` binary; temporary config and storage, scrape
 interval 1s, ``rule_files: [dashboards/alerts.yml]``) scrapes both on loopback. After the first
 scrape (about 6 s after start: the discovery manager pushes targets every 5 s) and a second one
 (``rate()`` needs two samples), EVERY dashboard expression (panels, variables; ``$__rate_interval``
-and friends become ``1m``, ``$job``/``$instance``/``$algorithm`` become ``.*``) and EVERY rule
-expression (recording rules as they are, alert conditions in their ``bool`` form so a healthy
-system still returns the series they compare) goes through ``/api/v1/query`` and must succeed
+and friends become ``1m``, ``$job``/``$instance``/``$algorithm``/``$experiment`` become ``.*``;
+annotations, which are conditions such as ``increase(drift events) > 0``, in their ``bool`` form)
+and EVERY rule expression (recording rules as they are, alert conditions in their ``bool`` form so
+a healthy system still returns the series they compare) goes through ``/api/v1/query`` and must succeed
 with data. A query about a metric the agent does not export fails here. The rules file must be
 loaded with every rule healthy. All processes are stopped by PID in ``finally``.
 """
@@ -40,6 +44,9 @@ from conftest import require_system
 from test_dashboards import ROOT, RULES, dashboard_exprs, load_dashboard, load_rules, rule_exprs, substitute, with_bool
 
 JOB = "metaagent"
+# An A/A test (identical variants) on the regression daemon: experiment gauges exist only per
+# configured experiment and variant.
+AA_EXPERIMENT = "experiments=[{name: aa, variants: {control: {}, treatment: {}}}]"
 BUDGET_S = 55.0  # the whole test, process starts included
 
 
@@ -127,7 +134,7 @@ def test_every_dashboard_and_rule_expression_returns_data(tmp_path):
     feed.write_text("\n".join(_classification_lines(np.random.default_rng(1), 10_000, 20)) + "\n")
     common = [sys.executable, "-m", "agent", "run", "--progress", "off", "--set", "checkpoint.every_s=2"]
     commands = {
-        "regression": common + ["--stream", "sinusoid-demo", "--metrics-addr", f"127.0.0.1:{ports['regression']}",
+        "regression": common + ["--stream", "sinusoid-demo", "--set", AA_EXPERIMENT, "--metrics-addr", f"127.0.0.1:{ports['regression']}",
                                 "--output", str(tmp_path / "regression.out.jsonl"),
                                 "--state-dir", str(tmp_path / "regression.state")],
         "classification": common + ["--input", str(feed), "--follow", "--set", "agent.in_shape=[2]",
@@ -190,7 +197,8 @@ def test_every_dashboard_and_rule_expression_returns_data(tmp_path):
 
         # Every expression, retried until it has data (recording rules need an evaluation after
         # the second scrape; the classification daemon needs a few tasks scored).
-        todo = {f"dashboard {where}": substitute(expr) for where, expr in dashboard_exprs(load_dashboard())}
+        todo = {f"dashboard {where}": with_bool(substitute(expr)) if where.startswith("annotation") else substitute(expr)
+                for where, expr in dashboard_exprs(load_dashboard())}
         for kind, name, expr in rule_exprs(load_rules()):
             todo[f"{kind} {name}"] = expr if kind == "record" else with_bool(expr)
             if kind == "record":
