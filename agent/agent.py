@@ -243,6 +243,30 @@ class _Adapted:
     flags: list
 
 
+class _LazyEmbedding:
+    """A task's memory embedding (:meth:`Agent._embedding`), computed on the first call only.
+
+    The embedding (a feature forward pass and a float64 ridge solve) is needed only when memory
+    is searched (pre-features, ensembles) or written, so most tasks of a cold or disabled memory
+    never pay for it, and none pays twice.
+    """
+
+    __slots__ = ("_agent", "_tt", "_done", "_value")
+
+    def __init__(self, agent: "Agent", tt: TaskTensors):
+        self._agent, self._tt, self._done, self._value = agent, tt, False, None
+
+    def __call__(self) -> np.ndarray | None:
+        if not self._done:
+            self._value, self._done = self._agent._embedding(self._tt), True
+        return self._value
+
+
+def _state_nbytes(entry: MemoryEntry | None) -> int:
+    """Bytes of a memory entry's state arrays (what :attr:`MemoryBank.nbytes` sums per entry)."""
+    return 0 if entry is None else sum(int(a.nbytes) for a in entry.state.values())
+
+
 STATE_FILE = "online.state"  # River state: HMAC-authenticated pickle (agent.online.persist)
 KEY_FILE = "state.key"  # the HMAC key in the checkpoint root when $META_AGENT_STATE_KEY is unset
 
@@ -265,6 +289,36 @@ class RunStats:
         return self.tasks / max(time.monotonic() - self.started, 1e-9)
 
 
+class _Backoff:
+    """Exponential back-off of failed attempts: ``base``, ``2 * base``, ... up to ``cap`` seconds.
+
+    Examples
+    --------
+    >>> b = _Backoff(1.0, 5.0)
+    >>> [b.fail(0.0) for _ in range(5)], b.ready(4.9), b.ready(5.0)
+    ([1.0, 2.0, 4.0, 5.0, 5.0], False, True)
+    >>> b.reset(); b.ready(0.0), b.failures
+    (True, 0)
+    """
+
+    def __init__(self, base: float, cap: float):
+        self.base, self.cap = float(base), float(cap)
+        self.failures, self.retry_at = 0, -math.inf
+
+    def ready(self, now: float) -> bool:
+        return now >= self.retry_at
+
+    def fail(self, now: float) -> float:
+        """Record a failure at ``now``; returns the delay before the next attempt."""
+        delay = min(self.cap, self.base * 2.0 ** min(self.failures, 64))
+        self.failures += 1
+        self.retry_at = now + delay
+        return delay
+
+    def reset(self) -> None:
+        self.failures, self.retry_at = 0, -math.inf
+
+
 class Agent:
     """A streaming few-shot agent (see the module docstring).
 
@@ -280,6 +334,9 @@ class Agent:
     clock
         Monotonic seconds for the token bucket and the pending table's TTL (a fake in tests).
     """
+
+    #: longest delay between attempts at a checkpoint that keeps failing (see :meth:`run`)
+    CHECKPOINT_BACKOFF_MAX_S = 600.0
 
     def __init__(self, config: Config, *, registry: CollectorRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic):
@@ -338,6 +395,10 @@ class Agent:
             if raw > mc.dim:
                 self.projection, dim = random_projection(raw, mc.dim, seed=ac.seed), mc.dim
             self.memory = MemoryBank(mc.capacity, dim, mc.eviction, rng=np.random.default_rng(ac.seed + 1))
+        # MemoryBank.nbytes is O(entries); the memory_bytes gauge is kept from this running total
+        # instead (see _memory_add), re-read in full only when the bank object is replaced.
+        self._memory_tracked: MemoryBank | None = None
+        self._memory_nbytes = 0
 
         self.replay: list[TaskTensors] = []
         self.replay_seen = 0
@@ -447,9 +508,11 @@ class Agent:
                 prepared = [None] * len(batch)
             for (i, t), p in zip(batch, prepared):
                 if p is None:
-                    out[i] = self._guarded(lambda t=t: [self._step_batch([t], received)[0].to_dict()], t.id)
+                    out[i] = self._guarded(lambda t=t: [self._step_batch([t], received)[0].to_dict()], t.id,
+                                           registered=True)
                 else:
-                    out[i] = self._guarded(lambda t=t, p=p: [self._answer(t, p[0], p[1], received).to_dict()], t.id)
+                    out[i] = self._guarded(lambda t=t, p=p: [self._answer(t, p[0], p[1], received).to_dict()], t.id,
+                                           registered=True)
             batch.clear()
 
         for i, line in enumerate(lines):
@@ -465,6 +528,7 @@ class Agent:
                     flush()
             else:
                 flush()  # feedback for a task in this batch must come after its answer
+                # registered=False: a bad feedback record must not make the agent forget its task's id
                 out[i] = self._guarded(lambda r=record: (self.feedback(r.id, r), [])[1], record.id)
         flush()
         return out
@@ -474,11 +538,18 @@ class Agent:
         return self._error(None, "record_too_large", f"record is {size} bytes, more than the source's limit")
 
     # -- internals: one task -------------------------------------------------------------------
-    def _guarded(self, fn: Callable[[], list[dict]], task_id: str | None) -> list[dict]:
+    def _guarded(self, fn: Callable[[], list[dict]], task_id: str | None, *, registered: bool = False) -> list[dict]:
+        """``fn()``, or an error record when it raises.
+
+        ``registered``: ``fn`` answers the task that registered ``task_id`` in :attr:`seen` (the
+        parser did), so a task refused with a :class:`~agent.task.TaskError` is forgotten and may
+        be sent again. Feedback and other records never registered the id they name: a bad one
+        must not unregister a task that was answered (its duplicate would be answered again).
+        """
         try:
             return fn()
         except TaskError as e:
-            if task_id is not None:
+            if registered and task_id is not None:
                 self.seen.discard(task_id)
             return [self._error(task_id, e.code, e.message)]
         except Exception as e:  # noqa: BLE001 - a bug or numerical trouble must not stop the stream
@@ -547,7 +618,7 @@ class Agent:
         m, intel, fc = self.metrics, self.intel, self.config.failure
         difficulty = self.difficulty.update(feats["norm_init_loss"])
         feats = dict(feats, difficulty=difficulty)
-        embedding = self._embedding(tt)
+        embedding = _LazyEmbedding(self, tt)  # computed when memory is searched or written, once
         x = self._pre_features(tt, feats, embedding)
         plan = intel.plan(task.id, x)
         arm, base = self._arm_and_base(plan, feats)
@@ -610,11 +681,14 @@ class Agent:
 
         online = {"x": x, "arm": str(plan.arm), "lam": plan.lam, "variants": plan.variants, "compute": spent,
                   "predicted": bool(p_fail >= 0.5)}
-        entry = _Pending(task, self._arm_index.get(alg.name, arm), feats, predictions, budget.to_dict(), embedding,
+        entry = _Pending(task, self._arm_index.get(alg.name, arm), feats, predictions, budget.to_dict(), None,
                          self._compact(res.state), self.clock(), online)
         if task.query_y is not None:
-            self._learn(task, tt, entry)
+            self._learn(task, tt, entry, embedding=embedding)  # the meta state is unchanged since the answer
         else:
+            # Labels come later, after online updates may have changed the meta state: the
+            # embedding memory stores must be the one of the state that answered, so it is taken now.
+            entry.embedding = embedding() if self.memory is not None else None
             self._expire()
             self.pending[task.id] = entry
             while len(self.pending) > self.config.limits.pending_max:
@@ -631,10 +705,15 @@ class Agent:
         emb = task_embedding(self.learner, self.meta, tt, projection=self.projection)
         return emb if np.isfinite(emb).all() and np.any(emb) else None
 
-    def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding) -> dict[str, float]:
-        """:func:`~agent.online.features.pre_features` plus the difficulty (a cold-start prior)."""
-        x = pre_features(self.learner, self.meta, tt, self.memory if embedding is not None else None,
-                         embedding=embedding, k=self.config.memory.k, loss_and_grad=self.config.failure.grad_features)
+    def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding: "_LazyEmbedding") -> dict[str, float]:
+        """:func:`~agent.online.features.pre_features` plus the difficulty (a cold-start prior).
+
+        Memory is searched (and the embedding computed) only when it holds entries: an empty or
+        disabled memory gives the same "no neighbours" features without one.
+        """
+        emb = embedding() if self.memory is not None and len(self.memory) else None
+        x = pre_features(self.learner, self.meta, tt, self.memory if emb is not None else None,
+                         embedding=emb, k=self.config.memory.k, loss_and_grad=self.config.failure.grad_features)
         x["difficulty"] = feats["difficulty"]
         x["log_norm_init_loss"] = math.log(max(feats["norm_init_loss"], 1e-12)) if math.isfinite(feats["norm_init_loss"]) \
             else math.nan
@@ -701,9 +780,9 @@ class Agent:
         """Guarded adaptation, or an ensemble over memory neighbours when the budget has members."""
         m, cc = self.metrics, self.config.compute
         neighbours = []
-        if embedding is not None and len(self.memory) and budget.members > 1:
+        if budget.members > 1 and self.memory is not None and len(self.memory) and (emb := embedding()) is not None:
             t0 = time.perf_counter()
-            neighbours = self.memory.query(embedding, self.config.memory.k)
+            neighbours = self.memory.query(emb, self.config.memory.k)
             m.memory_retrieval_seconds.observe(time.perf_counter() - t0)
         guard = {"patience": cc.patience, "max_backtracks": cc.max_backtracks}
         inits = [None] + self._inits(alg, neighbours, budget.members - 1) if alg.iterative else [None]
@@ -754,7 +833,12 @@ class Agent:
         return out
 
     # -- internals: learning -------------------------------------------------------------------
-    def _learn(self, task: Task, tt: TaskTensors, entry: _Pending) -> dict:
+    def _learn(self, task: Task, tt: TaskTensors, entry: _Pending, embedding: "_LazyEmbedding | None" = None) -> dict:
+        """Score a labelled task, store it in memory, feed the online learners.
+
+        ``embedding``: the task's lazy embedding when it is learned from right after its answer
+        (inline labels); otherwise ``entry.embedding``, taken when it was answered.
+        """
         m, alg = self.metrics, self.algorithms[entry.arm]
         score = _score(task, entry.predictions, self.config.online.fail_threshold)
         self.counters["labelled"] += 1
@@ -773,11 +857,11 @@ class Agent:
             self.counters["failures"] += 1
             m.failures.labels(algorithm=alg.name).inc()
         self.policy.learn(entry.features, entry.arm, score["reward"])
-        if self.memory is not None and entry.embedding is not None and math.isfinite(quality):
-            self.memory.add(MemoryEntry(task.id, entry.embedding, {k: v.numpy() for k, v in entry.state.items()},
-                                        alg.name, entry.budget, quality, bool(score["failed"]), timestamp=time.time()))
-            m.memory_entries.set(len(self.memory))
-            m.memory_bytes.set(self.memory.nbytes)
+        if self.memory is not None and math.isfinite(quality):
+            emb = entry.embedding if embedding is None else embedding()
+            if emb is not None:
+                self._memory_add(MemoryEntry(task.id, emb, {k: v.numpy() for k, v in entry.state.items()},
+                                             alg.name, entry.budget, quality, bool(score["failed"]), timestamp=time.time()))
         if self.config.online.enabled:
             self._online_batch.append(tt)
             if len(self._online_batch) >= self.config.online.every:
@@ -787,6 +871,21 @@ class Agent:
         if entry.online and self._learn_online(task.id, score, entry.online):
             out["drift"] = True
         return out
+
+    def _memory_add(self, entry: MemoryEntry) -> None:
+        """Offer ``entry`` to memory; update the entries and bytes gauges in O(1).
+
+        :meth:`MemoryBank.add` returns what left the bank (an evicted or replaced entry, or the
+        offered one when reservoir sampling discards it), so the bytes held change by the new
+        entry's state minus that one's: the same number :attr:`MemoryBank.nbytes` would sum.
+        """
+        mem = self.memory
+        if self._memory_tracked is not mem:  # a bank this agent has not counted (first use, replaced)
+            self._memory_tracked, self._memory_nbytes = mem, mem.nbytes
+        gone = mem.add(entry)  # converts entry.state to arrays: count after
+        self._memory_nbytes += _state_nbytes(entry) - _state_nbytes(gone)
+        self.metrics.memory_entries.set(len(mem))
+        self.metrics.memory_bytes.set(self._memory_nbytes)
 
     def _learn_online(self, task_id: str, score: Mapping[str, Any], info: Mapping[str, Any]) -> bool:
         """Feed a labelled outcome to the online intelligence and export its state; True on a drift."""
@@ -1021,8 +1120,9 @@ class Agent:
                 arrays = {k: z[k] for k in z.files}
             meta = json.loads(arrays.pop("__meta__").tobytes().decode())
             self.memory = MemoryBank.from_state_dict({"meta": meta, "arrays": arrays})
+            self._memory_tracked, self._memory_nbytes = self.memory, self.memory.nbytes
             self.metrics.memory_entries.set(len(self.memory))
-            self.metrics.memory_bytes.set(self.memory.nbytes)
+            self.metrics.memory_bytes.set(self._memory_nbytes)
         now = self.clock()
         tensors = found.load("pending.pt")
         from agent.task import task_from_dict
@@ -1048,14 +1148,24 @@ class Agent:
         source is exhausted (read-once sources), ``max_tasks`` tasks were answered, or ``stop``
         is set (the current micro-batch is finished first); a final checkpoint is written when
         ``checkpoint_dir`` is given.
+
+        Checkpoints are due every ``checkpoint_every_s`` seconds of the agent's clock and/or every
+        ``checkpoint_every_tasks`` tasks. A failed one (full or dead disk) is logged and counted in
+        ``metaagent_checkpoint_failures_total`` and the stream goes on; the next attempt waits a
+        back-off delay that starts at ``checkpoint_every_s`` (at 1 s when that is infinite, i.e.
+        time-based checkpoints are off, or 0), doubles per consecutive failure up to
+        :attr:`CHECKPOINT_BACKOFF_MAX_S` and resets on the next success. The final checkpoint is
+        always attempted.
         """
         stop = stop or threading.Event()
         cc = self.config.checkpoint
         every_s = cc.every_s if checkpoint_every_s is None else checkpoint_every_s
         every_tasks = cc.every_tasks if checkpoint_every_tasks is None else checkpoint_every_tasks
         stats = RunStats()
-        last_ckpt = last_progress = time.monotonic()
+        last_progress = time.monotonic()
+        last_ckpt = self.clock()
         tasks_at_ckpt = 0
+        backoff = _Backoff(every_s if 0 < every_s < math.inf else 1.0, self.CHECKPOINT_BACKOFF_MAX_S)
         micro = self.config.agent.micro_batch
         self.metrics.state.state("running")
 
@@ -1109,15 +1219,24 @@ class Agent:
                 elif source.exhausted and (feedback_source is None or feedback_source.exhausted):
                     stats.reason = "exhausted"
                     break
-                now = time.monotonic()
-                if checkpoint_dir is not None and (now - last_ckpt >= every_s or
-                                                   (every_tasks and stats.tasks - tasks_at_ckpt >= every_tasks)):
-                    self._checkpoint(checkpoint_dir, stream_state())
-                    stats.checkpoints += 1
-                    last_ckpt, tasks_at_ckpt = now, stats.tasks
-                if on_progress is not None and now - last_progress >= progress_every_s:
+                if checkpoint_dir is not None:
+                    now = self.clock()
+                    due = now - last_ckpt >= every_s or \
+                        bool(every_tasks and stats.tasks - tasks_at_ckpt >= every_tasks)
+                    if due and backoff.ready(now):
+                        ok = self._checkpoint(checkpoint_dir, stream_state())
+                        stats.checkpoints += 1
+                        if ok:
+                            backoff.reset()
+                            last_ckpt, tasks_at_ckpt = now, stats.tasks
+                        else:  # still due; retried once the back-off delay has passed
+                            delay = backoff.fail(now)
+                            log.warning("checkpoint: %d consecutive failures, next attempt in %.0f s",
+                                        backoff.failures, delay)
+                wall = time.monotonic()
+                if on_progress is not None and wall - last_progress >= progress_every_s:
                     on_progress(self, stats)
-                    last_progress = now
+                    last_progress = wall
         finally:
             self.metrics.state.state("draining")
             if checkpoint_dir is not None:
@@ -1128,11 +1247,14 @@ class Agent:
             self.metrics.state.state("stopped")
         return stats
 
-    def _checkpoint(self, directory, stream) -> None:
+    def _checkpoint(self, directory, stream) -> bool:
+        """:meth:`save`; False (logged, and counted by :meth:`save`) when it failed."""
         try:
             self.save(directory, stream=stream)
         except Exception:  # noqa: BLE001 - a failed checkpoint is counted; the stream goes on
             log.exception("checkpoint failed")
+            return False
+        return True
 
     def summary(self) -> dict[str, Any]:
         """Counters and the mean recent quality, for progress lines."""

@@ -220,3 +220,112 @@ def test_ensemble_over_memory_neighbours():
     assert all("ensemble" in o.flags for o in outs[3:])
     assert agent.registry.get_sample_value("metaagent_memory_hits_total") >= 6
     assert agent.registry.get_sample_value("metaagent_memory_retrieval_duration_seconds_count") >= 3
+
+
+# -- overheads: lazy task embedding, O(1) memory-bytes gauge ---------------------------------
+def _count_embeddings(agent, monkeypatch):
+    calls = []
+    real = agent._embedding
+
+    def counting(tt):
+        calls.append(1)
+        return real(tt)
+
+    monkeypatch.setattr(agent, "_embedding", counting)
+    return calls
+
+
+def test_embedding_is_computed_only_when_memory_needs_it_and_once_per_task(monkeypatch):
+    rng = np.random.default_rng(9)
+    off = Agent.from_config({**SMALL, "memory": {"enabled": False}})
+    calls = _count_embeddings(off, monkeypatch)
+    for i in range(5):
+        off.step(sine_task(rng, i))
+    assert calls == []  # no memory: never searched nor written
+
+    # Ensembles (members > 1) search memory, pre-features search it, inline labels write it:
+    # one embedding per task all the same.
+    agent = Agent.from_config({**SMALL, "compute": {"levels": [[3, 3]]}})
+    calls = _count_embeddings(agent, monkeypatch)
+    for i in range(6):
+        agent.step(sine_task(rng, i))
+        assert len(calls) == i + 1
+    # Delayed labels: taken at answer time (the state that answered), never again at feedback.
+    t = sine_task(rng, 50, labels=False)
+    agent.step(t)
+    assert len(calls) == 7
+    agent.feedback(t.id, np.zeros((10, 1)))
+    assert len(calls) == 7 and t.id in agent.memory
+
+
+def test_lazy_embedding_changes_nothing(monkeypatch):
+    # The same stream with the embedding forced eagerly (as before) gives identical answers,
+    # identical memory and identical meta-parameters.
+    import agent.agent as agent_module
+
+    def run(eager):
+        if eager:
+            init = agent_module._LazyEmbedding.__init__
+
+            def eager_init(self, agent, tt):
+                init(self, agent, tt)
+                self()
+
+            monkeypatch.setattr(agent_module._LazyEmbedding, "__init__", eager_init)
+        else:
+            monkeypatch.undo()
+        a = Agent.from_config({**SMALL, "compute": {"levels": [[1, 1], [3, 2]]}, "memory": {"capacity": 10}},
+                              clock=FakeClock())
+        rng = np.random.default_rng(10)
+        outs, waiting = [], []
+        for i in range(30):
+            t = sine_task(rng, i, labels=i % 3 != 0)
+            outs.append(a.handle_line(line(t))[0])
+            if t.query_y is None:
+                waiting.append(t.id)
+            if i % 4 == 3 and waiting:
+                a.feedback(waiting.pop(0), np.zeros((10, 1)))
+        return a, outs
+
+    eager, eager_out = run(True)
+    lazy, lazy_out = run(False)
+    for x, y in zip(eager_out, lazy_out):
+        assert x["predictions"] == y["predictions"] and x["flags"] == y["flags"] and x["budget"] == y["budget"]
+    assert [e.task_id for e in eager.memory] == [e.task_id for e in lazy.memory]
+    np.testing.assert_array_equal(eager.memory.embeddings, lazy.memory.embeddings)
+    for k in eager.meta:
+        torch.testing.assert_close(eager.meta[k], lazy.meta[k])
+
+
+@pytest.mark.parametrize("eviction", ["reservoir", "diversity"])
+def test_memory_bytes_gauge_tracks_nbytes_through_evictions_and_restore(tmp_path, eviction):
+    cfg = {**SMALL, "memory": {"capacity": 8, "eviction": eviction}, "online": {"enabled": False}}
+    agent = Agent.from_config(cfg, clock=FakeClock())
+    rng = np.random.default_rng(11)
+    gauge = lambda a: a.registry.get_sample_value("metaagent_memory_bytes")  # noqa: E731
+    for i in range(40):  # 5x the capacity: evictions, reservoir discards
+        agent.step(sine_task(rng, i))
+        assert gauge(agent) == agent.memory.nbytes, i
+    assert len(agent.memory) == 8
+    agent.save(tmp_path / "c")
+    clone = Agent.load(tmp_path / "c", clock=FakeClock())
+    assert gauge(clone) == clone.memory.nbytes == agent.memory.nbytes
+    for i in range(40, 50):
+        clone.step(sine_task(rng, i))
+        assert gauge(clone) == clone.memory.nbytes
+
+
+def test_memory_bytes_gauge_does_not_scan_the_bank(monkeypatch):
+    from agent.memory import MemoryBank
+
+    agent = Agent.from_config({**SMALL, "online": {"enabled": False}})
+    rng = np.random.default_rng(12)
+    agent.step(sine_task(rng, 0))
+    scans = []
+    real = MemoryBank.nbytes.fget
+    monkeypatch.setattr(MemoryBank, "nbytes", property(lambda self: scans.append(1) or real(self)))
+    for i in range(1, 20):
+        agent.step(sine_task(rng, i))
+    assert scans == [] and len(agent.memory) == 20
+    monkeypatch.undo()
+    assert agent.registry.get_sample_value("metaagent_memory_bytes") == agent.memory.nbytes

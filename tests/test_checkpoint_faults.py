@@ -173,14 +173,83 @@ def test_unwritable_checkpoint_dir_keeps_serving_and_reports(tmp_path, caplog):
     assert any("checkpoint failed" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(strict=True, reason="agent.py: Agent.run retries a failed checkpoint on the normal schedule "
-                                       "(every_tasks / every_s) with no back-off, so a broken disk is hammered "
-                                       "(here: 61 attempts for 60 tasks). Fix: on failure keep a delay that doubles "
-                                       "per consecutive failure (from every_s, capped at e.g. 10 min) and skip "
-                                       "attempts until it has passed; reset it on success")
 def test_failed_checkpoints_are_retried_with_back_off(tmp_path):
     _agent, _stats, failures = run_unwritable(tmp_path)
     assert failures <= 10, f"{failures:.0f} checkpoint attempts for 60 tasks on a dead disk"
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Ticking(OneByOne):
+    """One record per poll, and the agent's fake clock one second further at each poll."""
+
+    def __init__(self, lines, clock):
+        super().__init__(lines)
+        self.clock = clock
+
+    def poll(self, timeout):
+        self.clock.now += 1.0
+        return super().poll(timeout)
+
+
+def test_checkpoint_back_off_doubles_caps_and_resets_on_the_agent_clock(tmp_path, monkeypatch, caplog):
+    clock = FakeClock()
+    agent = Agent.from_config(CONFIG, clock=clock)
+    agent.CHECKPOINT_BACKOFF_MAX_S = 8.0
+    attempts = []
+    real_save = ckpt.save
+
+    def flaky_save(directory, step, files, **kw):  # the disk is dead before t=35 and from t=50
+        attempts.append(clock.now)
+        if clock.now < 35 or clock.now >= 50:
+            raise OSError(5, "Input/output error")
+        return real_save(directory, step, files, **kw)
+
+    monkeypatch.setattr(ckpt, "save", flaky_save)
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    with caplog.at_level(logging.WARNING, logger="agent.agent"):
+        stats = agent.run(Ticking([task_line(i) for i in range(60)], clock), sink, checkpoint_dir=tmp_path / "s",
+                          checkpoint_every_s=float("inf"), checkpoint_every_tasks=1)
+    sink.close()
+    assert stats.tasks == 60
+    # Task i is answered at t=i and a checkpoint is due after each. Time-based checkpoints are
+    # off, so the delay starts at 1 s: 1, 2, 4, then 8 (the cap) until the disk comes back at
+    # t=40; every task checkpoints again (reset), until it dies at t=50: 1, 2, 4, 8 again, and
+    # the final checkpoint at t=61 (the empty poll) is attempted regardless.
+    assert attempts == [1, 2, 4, 8, 16, 24, 32, 40, *range(41, 50), 50, 51, 53, 57, 61]
+    failures = agent.registry.get_sample_value("metaagent_checkpoint_failures_total")
+    assert failures == 12 and agent.counters["checkpoints"] == 10
+    assert sum("checkpoint failed" in r.getMessage() for r in caplog.records) == 12
+    assert any("next attempt in 8 s" in r.getMessage() for r in caplog.records)
+
+
+def test_checkpoint_back_off_starts_from_every_s(tmp_path, monkeypatch):
+    clock = FakeClock()
+    agent = Agent.from_config(CONFIG, clock=clock)
+    attempts = []
+
+    def dead(directory, step, files, **kw):
+        attempts.append(clock.now)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save", dead)
+    lines = [task_line(i) for i in range(40)]
+
+    class Slow(Ticking):  # 10 s per poll
+        def poll(self, timeout):
+            self.clock.now += 9.0
+            return super().poll(timeout)
+
+    agent.run(Slow(lines, clock), JsonlSink(tmp_path / "o.jsonl"), checkpoint_dir=tmp_path / "s",
+              checkpoint_every_s=15.0)
+    # due at t=20 (15 s after the start); then every 15, 30, 60, 120, 240 s; final at t=410
+    assert attempts == [20, 40, 70, 130, 250, 410]
 
 
 def test_daemon_with_unwritable_state_dir_exits_zero_and_logs(tmp_path):

@@ -130,10 +130,6 @@ def _task_line(task_id: str, labelled: bool = False) -> str:
                        "query": query})
 
 
-@pytest.mark.xfail(strict=True, reason="agent.py: Agent.handle_records passes the feedback's id to _guarded, "
-                                       "whose TaskError branch calls self.seen.discard(id): a bad feedback record "
-                                       "makes the agent forget that the task id was answered, so a later duplicate "
-                                       "of it is answered again (and a file sink drops that answer silently)")
 def test_bad_feedback_does_not_forget_the_task_id():
     agent = Agent.from_config(fuzz.CONFIG)
     assert "predictions" in agent.handle_line(_task_line("t-1"))[0]
@@ -141,3 +137,24 @@ def test_bad_feedback_does_not_forget_the_task_id():
     assert bad[0]["error"]["code"] in ERROR_CODES
     again = agent.handle_line(_task_line("t-1"))
     assert again and again[0].get("error", {}).get("code") == "duplicate_id", again
+
+
+def test_bad_feedback_in_a_micro_batch_does_not_forget_the_task_id():
+    # The same through handle_records (the daemon's path): task, bad feedback, duplicate task.
+    agent = Agent.from_config(fuzz.CONFIG)
+    bad = json.dumps({"type": "feedback", "id": "t-2", "y": [[0.0, 1.0]] * 3})
+    outs = agent.handle_records([_task_line("t-2"), bad, _task_line("t-2")])
+    assert "predictions" in outs[0][0]
+    assert outs[1][0]["error"]["code"] in ERROR_CODES
+    assert outs[2][0]["error"]["code"] == "duplicate_id"
+    assert "t-2" in agent.seen
+
+
+def test_a_task_the_model_refuses_frees_its_id():
+    # The other side of the rule: the task that registered an id and was refused forgets it.
+    agent = Agent.from_config(fuzz.CONFIG)
+    wide = json.loads(_task_line("t-3"))
+    wide["support"]["x"] = [[0.1, 0.2]] * 5
+    wide["query"]["x"] = [[0.5, 0.5]]
+    assert agent.handle_line(json.dumps(wide))[0]["error"]["code"] == "dim_mismatch"
+    assert "predictions" in agent.handle_line(_task_line("t-3"))[0]
