@@ -1079,16 +1079,22 @@ class Agent:
             candidates += [ckpt.open_checkpoint(p, check=False) for p in reversed(older) if not ckpt.verify(p)]
         error = None
         for found in candidates:
-            state = found.load("state.json")
-            agent = cls(Config.from_dict(state["config"]), **kwargs)
             try:
+                state = found.load("state.json")
+                agent = cls(Config.from_dict(state["config"]), **kwargs)
                 agent._restore(found, state)
             except persist.StateError as e:
                 log.error("checkpoint %s refused: online state %s; falling back to the previous checkpoint", found.path, e)
                 error = e
                 continue
+            except (ckpt.CheckpointError, KeyError, ValueError, OSError) as e:
+                # A manifest can be self-consistent and still lack a file the agent needs.
+                log.error("checkpoint %s unusable (%s: %s); falling back to the previous checkpoint",
+                          found.path, type(e).__name__, e)
+                error = e
+                continue
             return agent
-        raise persist.StateError(f"{directory}: no checkpoint with acceptable online state ({error})")
+        raise persist.StateError(f"{directory}: no usable checkpoint ({error})")
 
     def _restore(self, found: ckpt.Checkpoint, state: dict) -> None:
         if STATE_FILE in found:  # first: a refused River state must leave nothing half-restored

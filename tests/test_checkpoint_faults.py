@@ -112,12 +112,6 @@ def test_daemon_falls_back_to_previous_checkpoint_and_says_so(tmp_path):
     assert sorted(ids) == sorted(f"t-{i}" for i in range(40))  # replayed from the older one, none twice
 
 
-@pytest.mark.xfail(strict=True, reason="daemon.py/agent.py: ckpt.latest_good() only checks the manifest's own "
-                                       "consistency; a checkpoint whose manifest verifies but lacks a file the agent "
-                                       "needs (or holds a state.json it cannot use) makes Agent.load raise and the "
-                                       "daemon exit 1 instead of falling back. Fix: in run_daemon, try Agent.load on "
-                                       "each checkpoint newest first (ckpt.list_checkpoints + open_checkpoint), "
-                                       "logging a warning and falling back on any CheckpointError/KeyError/ValueError")
 def test_checkpoint_with_consistent_manifest_but_missing_file_falls_back(tmp_path):
     first, second = two_checkpoints(tmp_path)
     manifest = json.loads((second / "manifest.json").read_text())
