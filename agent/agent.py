@@ -408,6 +408,8 @@ class Agent:
         self.recent: list[float] = []  # recent quality scores (accuracy or MSE) for progress lines
         self.quality_name = "quality"
         self.registry = registry if registry is not None else CollectorRegistry()
+        # An agent.runlog.RunLogWriter when a run directory is kept (for `meta-agent report`).
+        self.run_log = None
         dc = config.drift
         self.metrics: Metrics = build_metrics(
             self.registry, algorithms=[a.name for a in self.algorithms], arms=[str(a) for a in self.intel.arms],
@@ -671,6 +673,9 @@ class Agent:
                           spent, p_fail, tuple(flags), latency * 1000.0)
 
         self.counters["tasks"] += 1
+        if self.run_log is not None:
+            self.run_log.write_outcome(outcome, seq=self.counters["tasks"] - 1, meta=task.meta, kind=task.kind,
+                                       members=res.members)
         m.tasks.labels(algorithm=alg.name, outcome="answered" if finite_out and not res.diverged else "diverged").inc()
         m.adapt_seconds.labels(algorithm=alg.name).observe(adapt_s)
         m.task_seconds.labels(algorithm=alg.name).observe(latency)
@@ -842,6 +847,8 @@ class Agent:
         m, alg = self.metrics, self.algorithms[entry.arm]
         score = _score(task, entry.predictions, self.config.online.fail_threshold)
         self.counters["labelled"] += 1
+        if self.run_log is not None:
+            self.run_log.write_score(task.id, score.get("accuracy", score.get("mse")), bool(score["failed"]))
         m.labelled.labels(algorithm=alg.name).inc()
         if "accuracy" in score:
             m.query_accuracy.labels(algorithm=alg.name).observe(score["accuracy"])

@@ -75,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set online.lr=0.003 (repeatable)")
     p.add_argument("--state-dir", metavar="DIR", help="checkpoints; resume from the newest good one")
+    p.add_argument("--run-dir", metavar="DIR",
+                   help="keep a run directory (outcomes, scores) for `meta-agent report`; appended to on resume")
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
                    help=f"Prometheus endpoint (default: config metrics.addr, {DEFAULT_METRICS_ADDR}; 0 disables)")
     p.add_argument("--max-tasks", type=int, metavar="N", help="stop after N tasks (and errors)")
@@ -132,6 +134,13 @@ def run_daemon(args: argparse.Namespace, *, stderr: TextIO | None = None) -> int
     if agent is None:
         agent = Agent.from_config(config)
     stream = agent.stream_state
+    if args.run_dir:
+        from agent.runlog import RunLogWriter
+
+        source_desc = {"input": args.input, "spool": args.spool, "stream": args.stream or (
+            None if (args.input or args.spool) else DEFAULT_STREAM)}
+        agent.run_log = RunLogWriter(args.run_dir, config=agent.config.to_dict(), stream=source_desc,
+                                     seed=agent.config.agent.seed)
     max_bytes = agent.config.limits.max_record_bytes
     source = build_source(args, stream.get("source"), max_bytes)
     feedback = None
@@ -184,6 +193,8 @@ def run_daemon(args: argparse.Namespace, *, stderr: TextIO | None = None) -> int
         if feedback is not None:
             feedback.close()
         sink.close()
+        if agent.run_log is not None:
+            agent.run_log.close()
         if server is not None and isinstance(server, tuple):
             server[0].shutdown()
     if show:

@@ -148,3 +148,28 @@ def test_non_finite_values_are_stored_as_null(tmp_path):
     run = load_run(tmp_path)
     assert np.isnan(run.p_fail[0]) and run.failed.tolist() == [1.0] and run.latency_ms.tolist() == [2.0]
     assert run.quality.tolist() == [float("inf")] and not run.labelled.any() and run.n_nonfinite_quality == 1
+
+
+def test_agent_writes_its_run_directory(tmp_path):
+    """An Agent with a run log records every answer and every score, delayed ones joined by id."""
+    import numpy as np
+
+    from agent.agent import Agent
+    from agent.runlog import RunLogWriter, load_run
+    from agent.task import Task
+
+    agent = Agent.from_config({"agent": {"in_shape": [1], "out_dim": 1}, "compute": {"levels": [[1, 1]]}})
+    agent.run_log = RunLogWriter(tmp_path / "run", config=agent.config.to_dict(), seed=0)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        x, q = rng.uniform(-5, 5, (6, 1)), rng.uniform(-5, 5, (4, 1))
+        inline = i % 2 == 0
+        task = Task(f"t{i}", "regression", x, np.sin(x), q, np.sin(q) if inline else None, meta={"family": "sine"})
+        agent.step(task)
+        if not inline:
+            agent.feedback(task.id, np.sin(q))
+    agent.run_log.close()
+    run = load_run(tmp_path / "run")
+    assert run.ids == ["t0", "t1", "t2", "t3"]
+    assert run.family == ["sine"] * 4
+    assert np.isfinite(run.quality).all() and set(run.failed.tolist()) <= {0.0, 1.0}
