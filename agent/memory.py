@@ -38,6 +38,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from agent.atomic import atomic_write
 from agent.algorithms.base import CLASSIFICATION, TaskTensors
 from agent.nn.model import embed, subdict
 
@@ -503,13 +504,7 @@ class MemoryBank:
         """Write an ``.npz`` atomically (temp file + rename); metadata rides along as JSON bytes."""
         state = self.state_dict()
         blob = np.frombuffer(json.dumps(state["meta"]).encode(), dtype=np.uint8)
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, __meta__=blob, **state["arrays"])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, __meta__=blob, **state["arrays"]))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MemoryBank":

@@ -60,6 +60,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from agent.atomic import atomic_write
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -157,12 +159,7 @@ def _dump(record: Mapping) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from agent.atomic import atomic_write
 
 ENV_VAR = "META_AGENT_CACHE"
 
@@ -79,18 +80,9 @@ def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compress
     """Write ``arrays`` to ``path`` atomically (temporary file in the same directory + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".npz.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **{k: np.asarray(v) for k, v in arrays.items()})
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like any data file
-        os.replace(tmp, path)  # atomic on POSIX within one file system
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    save = np.savez_compressed if compress else np.savez
+    # A cache is shared like any data file (a temporary file starts private): 0644.
+    atomic_write(path, lambda f: save(f, **{k: np.asarray(v) for k, v in arrays.items()}), fsync=False, mode=0o644)
     return path
 
 

@@ -43,9 +43,10 @@ import pickle
 import secrets
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from agent.atomic import atomic_write
 
 __all__ = ["StateError", "save", "load", "dumps", "loads", "load_key", "version_stamp", "ENV_KEY", "SCHEMA"]
 
@@ -174,21 +175,7 @@ def save(obj: Any, path: str | os.PathLike, *, key: bytes | str | None = None, k
          extra: dict | None = None) -> None:
     """Write ``obj`` to ``path`` atomically, authenticated (see :func:`dumps`)."""
     blob = dumps(obj, key=key, key_file=key_file, extra=extra)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: f.write(blob))
 
 
 def load(path: str | os.PathLike, *, key: bytes | str | None = None, key_file=None, check_versions: bool = True) -> Any:
