@@ -416,6 +416,7 @@ class Agent:
             detectors={"quality": dc.quality_detector, "failure": dc.failure_detector} if dc.enabled else {},
             experiments={e.name: list(e.variants) for e in config.experiments})
         self.metrics.state.state("starting")
+        self.metrics.memory_capacity.set(mc.capacity if self.memory is not None else 0)
         self.stream_state: dict = {}  # source positions and sink offset of the checkpoint loaded
 
     # -- construction --------------------------------------------------------------------------

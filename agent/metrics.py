@@ -74,6 +74,7 @@ class Metrics:
     query_mse: Histogram
     p_fail: Histogram
     memory_entries: Gauge
+    memory_capacity: Gauge
     memory_bytes: Gauge
     memory_hits: Counter
     memory_retrieval_seconds: Histogram
@@ -136,7 +137,8 @@ def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = ()
         (``metaagent_labelled_tasks_total`` / ``metaagent_task_failures_total`` by algorithm),
         ``query_accuracy`` (``metaagent_query_accuracy_ratio``), ``query_mse``
         (``metaagent_query_mse``), ``p_fail`` (``metaagent_predicted_failure_probability``),
-        ``memory_*`` (``metaagent_memory_entries``, ``_bytes``, ``_hits_total``,
+        ``memory_*`` (``metaagent_memory_entries``, ``_capacity_entries`` (the configured
+        ``memory.capacity``, 0 with memory disabled), ``_bytes``, ``_hits_total``,
         ``_retrieval_duration_seconds``), ``online_updates`` / ``online_rollbacks{reason}`` /
         ``online_loss`` (``metaagent_online_updates_total``, ``metaagent_online_rollbacks_total``,
         ``metaagent_online_meta_loss``), ``checkpoint_*`` (``metaagent_checkpoint_duration_seconds``,
@@ -186,6 +188,8 @@ def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = ()
         p_fail=Histogram(p + "predicted_failure_probability", "Predicted failure probability per task.",
                          buckets=_RATIO_BUCKETS, **r),
         memory_entries=Gauge(p + "memory_entries", "Entries in the episodic memory.", **r),
+        memory_capacity=Gauge(p + "memory_capacity_entries",
+                              "Configured capacity of the episodic memory in entries (0: memory disabled).", **r),
         memory_bytes=Gauge(p + "memory_bytes", "Bytes held by the episodic memory's arrays.", **r),
         memory_hits=Counter(p + "memory_hits", "Memory neighbours used as ensemble initialisations.", **r),
         memory_retrieval_seconds=Histogram(p + "memory_retrieval_duration_seconds", "k-NN lookup time.",

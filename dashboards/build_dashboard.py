@@ -281,18 +281,21 @@ def rows() -> list[tuple[str, list[dict]]]:
         ]),
         ("Memory", [
             stat("Memory entries", targets((f"sum(metaagent_memory_entries{{{SEL}}})", "entries")), "short", w=4),
+            stat("Memory capacity", targets((f"sum(metaagent_memory_capacity_entries{{{SEL}}})", "capacity")), "short",
+                 w=4, desc="Configured memory.capacity in entries (0: memory disabled)."),
             stat("Memory size", targets((f"sum(metaagent_memory_bytes{{{SEL}}})", "bytes")), "bytes", w=4),
             timeseries("Memory hits / s", targets(
                 (rate("metaagent_memory_hits_total", SEL), "hits / s"),
                 (f'{rate("metaagent_memory_hits_total", SEL)} / {rate("metaagent_tasks_total", SEL)}',
-                 "hits per task")), "short", w=8,
+                 "hits per task")), "short", w=6,
                 desc="Memory neighbours used as ensemble initialisations."),
             timeseries("Memory retrieval latency p50 / p95 / p99",
-                       p50_95_99("metaagent_memory_retrieval_duration_seconds", SEL, ""), "s", w=8),
-            timeseries("Memory entries and bytes", targets(
+                       p50_95_99("metaagent_memory_retrieval_duration_seconds", SEL, ""), "s", w=6),
+            timeseries("Memory entries, capacity and bytes", targets(
                 (f"sum by (instance) (metaagent_memory_entries{{{SEL}}})", "{{instance}} entries"),
+                (f"sum by (instance) (metaagent_memory_capacity_entries{{{SEL}}})", "{{instance}} capacity"),
                 (f"sum by (instance) (metaagent_memory_bytes{{{SEL}}})", "{{instance}} bytes")), "short", w=24,
-                desc="Growth of the episodic memory (bounded by memory.capacity entries)."),
+                desc="Growth of the episodic memory against its capacity (memory.capacity entries; 0 with memory disabled)."),
         ]),
         ("Online meta-learning", [
             timeseries("Online updates / s", targets(

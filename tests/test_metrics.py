@@ -49,6 +49,7 @@ def test_values_after_scripted_steps(tmp_path):
     assert get("metaagent_query_mse_count", {"algorithm": "maml"}) == 4
     assert get("metaagent_predicted_failure_probability_count") == 5
     assert get("metaagent_memory_entries") == 4 and get("metaagent_memory_bytes") > 0
+    assert get("metaagent_memory_capacity_entries") == 2000  # memory.capacity's default
     assert get("metaagent_online_updates_total") == 4
     assert get("metaagent_online_rollbacks_total", {"reason": "grad_norm"}) == 0
     assert get("metaagent_feedback_pending") == 1
@@ -85,3 +86,38 @@ def test_promtool_check_metrics(tmp_path):
     text = generate_latest(agent.registry)
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_memory_capacity_zero_when_disabled():
+    agent = Agent.from_config({**CFG, "memory": {"enabled": False}})
+    assert agent.registry.get_sample_value("metaagent_memory_capacity_entries") == 0
+
+
+def test_wsgi_app_serves_the_registry_for_embedding():
+    """A host's WSGI server can mount ``make_wsgi_app(agent.registry)`` to expose the metrics."""
+    import threading
+    import urllib.request
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    agent = Agent.from_config(CFG)
+    agent.step(_task(np.random.default_rng(0), 0))
+    server = make_server("127.0.0.1", 0, make_wsgi_app(agent.registry), handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200
+            body = resp.read().decode()
+        assert 'metaagent_tasks_total{algorithm="maml",outcome="answered"} 1.0' in body
+        assert "metaagent_memory_capacity_entries" in body
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
