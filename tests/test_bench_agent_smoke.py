@@ -3,26 +3,11 @@ in ``--quick`` mode as a subprocess, exits 0, prints its tables and goal lines a
 Timings, MSEs and PASS/MISS verdicts are NOT checked: quick mode's numbers mean nothing, and the
 real runs are documented in ``bench/README.md``."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_script(name: str, tmp_path: Path, *extra: str) -> tuple[str, dict]:
-    out = tmp_path / f"{name}.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--out", str(out), *extra],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout, json.loads(out.read_text())
+from helpers import run_bench_script
 
 
 def test_compute_scaling_quick(tmp_path):
-    stdout, data = run_script("compute_scaling", tmp_path)
+    stdout, data = run_bench_script("compute_scaling", tmp_path)
     assert "### K=5: query MSE" in stdout and "### K=10: query MSE" in stdout
     for row in ("| plain 20", "| guarded 20", "| agent-style 1/5/10", "| adaptive (tuned)"):
         assert row in stdout
@@ -33,7 +18,7 @@ def test_compute_scaling_quick(tmp_path):
 
 
 def test_memory_bench_quick(tmp_path):
-    stdout, data = run_script("memory_bench", tmp_path)
+    stdout, data = run_bench_script("memory_bench", tmp_path)
     assert "### (a) query MSE, memory off vs on" in stdout and "| later visits" in stdout
     assert "### (b) MemoryBank.query latency" in stdout and "Goal p99 <= 2 ms" in stdout
     assert set(data["a"]) == {"adaptive", "top level always"}
@@ -41,7 +26,7 @@ def test_memory_bench_quick(tmp_path):
 
 
 def test_daemon_throughput_quick(tmp_path):
-    stdout, data = run_script("daemon_throughput", tmp_path, "--profile")
+    stdout, data = run_bench_script("daemon_throughput", tmp_path, "--profile")
     assert "| bare loop" in stdout and "| agent mb=1" in stdout and "| agent mb=8" in stdout
     assert "overhead <= 10%" in stdout and "throughput above the bare loop" in stdout
     assert "top 10 cumulative" in stdout and "guarded_adapt" in stdout

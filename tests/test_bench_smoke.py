@@ -2,30 +2,14 @@
 prints its tables (and writes its JSON). Timings and accuracies are NOT checked: quick mode's
 numbers mean nothing, and the real runs are documented in ``bench/README.md``."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from conftest import require_system
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_script(name: str, tmp_path: Path, *extra: str) -> tuple[str, dict]:
-    out = tmp_path / f"{name}.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--out", str(out), *extra],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout, json.loads(out.read_text())
+from helpers import run_bench_script
 
 
 def test_speed_quick(tmp_path):
-    stdout, data = run_script("speed", tmp_path)
+    stdout, data = run_bench_script("speed", tmp_path)
     assert "torch " in stdout and "threads 1" in stdout
     assert "### Meta-training step" in stdout and "### Gradient check" in stdout and "### Adaptation latency" in stdout
     assert "| MLP second order: ours (vmap) vs plain" in stdout and "| Conv4 1 step SO: ours (loop) vs plain" in stdout
@@ -34,7 +18,7 @@ def test_speed_quick(tmp_path):
 
 
 def test_sinusoid_quality_quick(tmp_path):
-    stdout, data = run_script("sinusoid_quality", tmp_path)
+    stdout, data = run_bench_script("sinusoid_quality", tmp_path)
     assert "### Query MSE" in stdout and "l2l (quoted)" in stdout and "QUOTED from shared/notes/peers.md" in stdout
     assert "| K=10 | 10 steps" in stdout
     assert data["runs"]["maml"]["meta_steps"] > 0
@@ -46,7 +30,7 @@ def test_glyphs_accuracy_quick(tmp_path):
 
     require_system("fonts-noto-core / fonts-freefont-ttf", bool(discover_fonts()))
     pytest.importorskip("fontTools", reason="fontTools reads the font cmaps")
-    stdout, data = run_script("glyphs_accuracy", tmp_path)
+    stdout, data = run_bench_script("glyphs_accuracy", tmp_path)
     assert "### Accuracy (%)" in stdout and "pixel nearest centroid" in stdout and "ProtoNet" in stdout
     assert "MAML (FO), 3 steps" in stdout
     for shot in ("1-shot", "5-shot"):

@@ -16,12 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent import checkpoint as ckpt
 from agent.agent import Agent
-from agent.task import Task, to_wire
+from helpers import write_sine_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"arch": "mlp", "hidden": [8]}, "agent": {"in_shape": [1], "out_dim": 1},
@@ -30,27 +29,6 @@ CONFIG = {"model": {"arch": "mlp", "hidden": [8]}, "agent": {"in_shape": [1], "o
           "checkpoint": {"every_s": 1000.0, "every_tasks": 10, "keep": 3}}
 N_TASKS = 300
 MIN_KILLS = 20
-
-
-def write_inputs(path: Path, n: int, seed: int = 0) -> list[str]:
-    """n sine tasks, a third with delayed feedback, a few bad lines; returns the task ids."""
-    rng = np.random.default_rng(seed)
-    ids, lines, owed = [], [], []
-    for i in range(n):
-        a, ph = rng.uniform(0.1, 5), rng.uniform(0, np.pi)
-        x, xq = rng.uniform(-5, 5, (5, 1)), rng.uniform(-5, 5, (5, 1))
-        delayed = i % 3 == 0
-        task = Task(f"t-{i:05d}", "regression", x, a * np.sin(x - ph), xq, None if delayed else a * np.sin(xq - ph))
-        lines.append(json.dumps(to_wire(task)))
-        ids.append(task.id)
-        if delayed:
-            owed.append({"type": "feedback", "id": task.id, "y": (a * np.sin(xq - ph)).tolist()})
-        if len(owed) > 2:
-            lines.append(json.dumps(owed.pop(0)))
-        if i % 50 == 7:
-            lines.append('{"type": "task", "id": ')
-    path.write_text("\n".join(lines) + "\n")
-    return ids
 
 
 def start(workdir: Path, config: Path):
@@ -119,7 +97,7 @@ def answered(workdir: Path) -> list[str]:
                          "30 s without seeing a .tmp-ckpt dir while the daemon did not finish 300 tasks; runtime "
                          "not yet under the 120 s goal. Needs profiling of checkpoint cost before enabling.")
 def test_sigkill_at_random_points_then_restart(tmp_path):
-    ids = write_inputs(tmp_path / "in.jsonl", N_TASKS)
+    ids = write_sine_inputs(tmp_path / "in.jsonl", N_TASKS, shots=5)
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(CONFIG))
     t0 = time.monotonic()

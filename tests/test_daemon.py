@@ -10,37 +10,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent import checkpoint as ckpt
 from agent.daemon import parse_addr
-from agent.task import Task, to_wire
+from helpers import write_sine_inputs as write_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"arch": "mlp", "hidden": [16, 16]}, "agent": {"in_shape": [1], "out_dim": 1},
           "compute": {"levels": [[1, 1], [3, 1]]}, "checkpoint": {"every_s": 0.3}}
-
-
-def write_inputs(path: Path, n: int, seed: int = 0) -> list[str]:
-    """n sine tasks (a third with delayed feedback), with bad lines mixed in; returns the task ids."""
-    rng = np.random.default_rng(seed)
-    ids, lines, owed = [], [], []
-    for i in range(n):
-        a, ph = rng.uniform(0.1, 5), rng.uniform(0, np.pi)
-        x, xq = rng.uniform(-5, 5, (10, 1)), rng.uniform(-5, 5, (10, 1))
-        delayed = i % 3 == 0
-        task = Task(f"t-{i:05d}", "regression", x, a * np.sin(x - ph), xq, None if delayed else a * np.sin(xq - ph))
-        lines.append(json.dumps(to_wire(task)))
-        ids.append(task.id)
-        if delayed:
-            owed.append({"type": "feedback", "id": task.id, "y": (a * np.sin(xq - ph)).tolist()})
-        if len(owed) > 2:
-            lines.append(json.dumps(owed.pop(0)))
-        if i % 50 == 7:
-            lines.append('{"type": "task", "id": ')  # bad_json, no id
-    path.write_text("\n".join(lines) + "\n")
-    return ids
 
 
 def start(args, tmp_path, **kw):
