@@ -174,12 +174,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # -- report / compare ---------------------------------------------------------------------------
-# Arguments and bodies live in agent.report; it is imported only when one of these runs
-# (statistics pull in scipy, which every other command would pay for at start-up).
+# The bodies live in agent.report, imported only when one of these runs: its statistics pull
+# in scipy, which building the parser for every other command would otherwise pay for.
 def _report_args(p: argparse.ArgumentParser) -> None:
-    from agent.report import _report_args as add
-
-    add(p)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or offline evaluation directory)")
+    p.add_argument("--out", "-o", metavar="FILE.html", help="HTML file (default: RUN_DIR/report.html)")
+    p.add_argument("--tolerance", type=float, default=10.0, metavar="TASKS",
+                   help="largest delay for a detected boundary to count (default: 10 tasks)")
+    p.add_argument("--window", type=int, metavar="TASKS", help="rolling-mean window of the quality plot")
 
 
 @command("report", "write an HTML report (plots and tables with intervals) of a run directory", _report_args)
@@ -190,9 +192,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
-    from agent.report import _compare_args as add
-
-    add(p)
+    p.add_argument("run_a", metavar="RUN_A", help="baseline run directory (or evaluation directory)")
+    p.add_argument("run_b", metavar="RUN_B", help="run compared with A")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdict (default 0.05)")
 
 
 @command("compare", "paired comparison of two runs on their shared tasks, with a plain-language verdict",

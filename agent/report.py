@@ -40,7 +40,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -71,7 +71,6 @@ __all__ = [
     "PairedResult",
     "Comparison",
     "compare_runs",
-    "register_commands",
 ]
 
 SECTION_TITLES = (
@@ -1339,20 +1338,6 @@ def compare_runs(a: str | Path, b: str | Path, *, confidence: float = 0.95, alph
 # --------------------------------------------------------------------------------------------
 
 
-def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or offline evaluation directory)")
-    p.add_argument("--out", "-o", metavar="FILE.html", help="HTML file (default: RUN_DIR/report.html)")
-    p.add_argument("--tolerance", type=float, default=10.0, metavar="TASKS",
-                   help="largest delay for a detected boundary to count (default: 10 tasks)")
-    p.add_argument("--window", type=int, metavar="TASKS", help="rolling-mean window of the quality plot")
-
-
-def _compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_a", metavar="RUN_A", help="baseline run directory (or evaluation directory)")
-    p.add_argument("run_b", metavar="RUN_B", help="run compared with A")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the verdict (default 0.05)")
-
-
 def _fail(message: str) -> int:
     from agent.cli import EXIT_FAIL, PROG
 
@@ -1378,13 +1363,3 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return _fail(str(e))
     print(c.to_text())
     return 0
-
-
-def register_commands() -> None:
-    """Add the ``report`` and ``compare`` subcommands to ``meta-agent`` (idempotent)."""
-    from agent.cli import command
-
-    command("report", "write an HTML report (plots and tables with intervals) of a run directory",
-            _report_args)(cmd_report)
-    command("compare", "paired comparison of two runs on their shared tasks, with a plain-language verdict",
-            _compare_args)(cmd_compare)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from agent import report, runlog
-from agent.report import SECTION_TITLES, build_report, compare_runs, register_commands
+from agent.report import SECTION_TITLES, build_report, compare_runs
 from agent.runlog import RunLogWriter, load_run
 
 FAMILIES = ("sine", "square", "saw")
@@ -230,7 +230,6 @@ def test_compare_without_overlap_is_a_clear_error(runs, tmp_path):
 def test_cli_report_and_compare(runs, tmp_path, capsys):
     from agent.cli import main
 
-    register_commands()
     a, b = runs
     out = tmp_path / "cli.html"
     assert main(["report", str(a), "--out", str(out)]) == 0
