@@ -7,10 +7,12 @@ the online meta-learner and the Prometheus metrics, and it is the only place wit
 Per task (:meth:`Agent.step`):
 
 1. cheap features (support size, ways, shots, support loss at the meta-initialisation) and a
-   difficulty estimate in [0, 1] (:class:`Difficulty`: where the normalised initial loss falls in
-   the running distribution of past tasks);
+   difficulty estimate in [0, 1] (:class:`Difficulty`: where the initial support loss falls
+   among recent tasks of the same kind, ``compute.difficulty``);
 2. an arm from the :class:`Policy` (configured default, escalation by difficulty);
-3. a budget from :func:`~agent.compute.choose_budget` and the :class:`~agent.compute.TokenBucket`;
+3. a budget from :func:`~agent.compute.choose_budget` (the difficulty picks a level of
+   ``compute.levels``; with ``compute.budget_by: p_fail`` the failure predictor's probability
+   does once it is warm) and the :class:`~agent.compute.TokenBucket`;
 4. adaptation with :func:`~agent.compute.guarded_adapt`, or an ensemble over the
    meta-initialisation and the nearest memory entries' states
    (:func:`~agent.compute.ensemble_predict`) when the budget has several members;
@@ -43,6 +45,7 @@ A plain Python loop (the README's embedded use):
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
@@ -60,15 +63,15 @@ from prometheus_client import CollectorRegistry
 
 from agent import checkpoint as ckpt
 from agent.algorithms import Algorithm, TaskTensors, build
-from agent.compute import Budget, BudgetLevels, TokenBucket, choose_budget, ensemble_predict, guarded_adapt
+from agent.compute import Budget, TokenBucket, choose_budget, ensemble_predict, guarded_adapt
 from agent.config import Config, load as load_config
 from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
 from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
 from agent.online import persist
 from agent.online.features import finite, pre_features, probe_features
 from agent.online.wiring import STATE_VERSION, OnlineIntelligence, Plan, bump, quality_of
-from agent.task import (BAD_TARGET_SHAPE, CLASSIFICATION, DIM_MISMATCH, DUPLICATE_ID, TOO_LARGE, Feedback, IdRegistry, Limits,
-                        Outcome, Task, TaskError, error_record, parse_record)
+from agent.task import (BAD_TARGET_SHAPE, CLASSIFICATION, DIM_MISMATCH, DUPLICATE_ID, REGRESSION, TOO_LARGE, Feedback, IdRegistry,
+                        Limits, Outcome, Task, TaskError, error_record, parse_record)
 
 __all__ = ["Agent", "Policy", "Difficulty", "task_features", "RunStats"]
 
@@ -113,48 +116,98 @@ def task_features(algorithm: Algorithm, meta: Mapping[str, torch.Tensor], task: 
 
 
 class Difficulty:
-    """Difficulty in [0, 1]: the normal CDF of the z-score of ``log(norm_init_loss)`` against an
-    exponential moving mean and variance of past tasks. ``0.5`` until ``warmup`` tasks were seen;
-    ``1`` for a non-finite loss.
+    """Difficulty in [0, 1]: where a task's signal falls among recent tasks of its kind.
+
+    The signal (``signal``, from :func:`task_features`) is ``"init_loss"``, the support loss at
+    the meta-initialisation (classification: divided by ``log(n_way)``, the loss at chance, so
+    that tasks of different ways compare), or ``"norm_init_loss"``, that loss divided by the
+    target variance (regression) or ``log(n_way)``. The difficulty is its mid-rank empirical CDF
+    among the last ``window`` finite signals of the same kind (regression and classification are
+    ranked separately): 0.5 until ``warmup`` such tasks were seen, 1 for a non-finite signal.
+
+    ``"init_loss"`` is the default because it predicts what extra inner steps buy: on sinusoids
+    the tasks with large losses (large amplitudes) gain the most absolute MSE from more steps,
+    and dividing by the variance removes exactly that (``bench/compute_scaling.py``).
 
     Examples
     --------
-    >>> d = Difficulty(warmup=3)
-    >>> for v in (1.0, 1.1, 0.9, 1.0):
-    ...     _ = d.update(v)
-    >>> d.estimate(1.0) < d.estimate(5.0)
-    True
+    >>> d = Difficulty(warmup=3, window=4)
+    >>> [d.update(v) for v in (1.0, 2.0, 3.0)]           # warm-up: 0.5
+    [0.5, 0.5, 0.5]
+    >>> d.estimate(0.5), d.estimate(2.0), d.estimate(9.0), d.estimate(float("nan"))
+    (0.0, 0.5, 1.0, 1.0)
+    >>> d.update({"init_loss": 0.9, "n_way": 5.0})     # classification is ranked on its own
+    0.5
     """
 
-    def __init__(self, alpha: float = 0.02, warmup: int = 20):
-        self.alpha, self.warmup = float(alpha), int(warmup)
-        self.n, self.mean, self.var = 0, 0.0, 1.0
+    SIGNALS = ("init_loss", "norm_init_loss")
 
-    def estimate(self, norm_loss: float) -> float:
-        if not math.isfinite(norm_loss):
+    def __init__(self, signal: str = "init_loss", window: int = 500, warmup: int = 20):
+        if signal not in self.SIGNALS:
+            raise ValueError(f"difficulty signal must be one of {self.SIGNALS}, got {signal!r}")
+        if int(window) < 1 or int(warmup) < 0:
+            raise ValueError(f"difficulty window must be >= 1 and warmup >= 0, got {window!r}, {warmup!r}")
+        self.signal, self.window, self.warmup = signal, int(window), int(warmup)
+        self._recent: dict[str, list[float]] = {}  # arrival order, per kind
+        self._sorted: dict[str, list[float]] = {}
+        self._seen: dict[str, int] = {}  # finite signals ever added, per kind
+
+    @classmethod
+    def from_config(cls, compute: Any) -> "Difficulty":
+        """From a :class:`~agent.config.ComputeConfig` (``difficulty``, ``difficulty_window``, ``difficulty_warmup``)."""
+        return cls(compute.difficulty, compute.difficulty_window, compute.difficulty_warmup)
+
+    def value(self, features: Mapping[str, float] | float) -> tuple[str, float]:
+        """``(kind, signal)`` of a task's features; a bare number is a regression signal."""
+        if not isinstance(features, Mapping):
+            return REGRESSION, float(features)
+        n_way = float(features.get("n_way", 0.0))
+        if self.signal == "norm_init_loss":
+            v = float(features["norm_init_loss"])
+        else:
+            v = float(features["init_loss"]) / (math.log(max(n_way, 2.0)) if n_way > 0 else 1.0)
+        return (CLASSIFICATION if n_way > 0 else REGRESSION), v
+
+    def estimate(self, features: Mapping[str, float] | float) -> float:
+        """The difficulty of a task (features from :func:`task_features`, or a bare signal)."""
+        kind, v = self.value(features)
+        if not math.isfinite(v):
             return 1.0
-        if self.n < self.warmup:
+        ranked = self._sorted.get(kind, [])
+        if self._seen.get(kind, 0) < self.warmup or not ranked:
             return 0.5
-        z = (math.log(max(norm_loss, 1e-12)) - self.mean) / math.sqrt(max(self.var, 1e-6))
-        return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+        below = bisect.bisect_left(ranked, v)
+        equal = bisect.bisect_right(ranked, v) - below
+        return (below + 0.5 * equal) / len(ranked)
 
-    def update(self, norm_loss: float) -> float:
-        """Estimate for this loss, then fold it into the running statistics."""
-        d = self.estimate(norm_loss)
-        if math.isfinite(norm_loss):
-            v = math.log(max(norm_loss, 1e-12))
-            a = max(self.alpha, 1.0 / (self.n + 1))  # plain averages while few tasks are seen
-            delta = v - self.mean
-            self.mean += a * delta
-            self.var = (1 - a) * (self.var + a * delta * delta) if self.n else 1.0
-            self.n += 1
+    def update(self, features: Mapping[str, float] | float) -> float:
+        """Estimate for this task, then add its signal to the window."""
+        d = self.estimate(features)
+        kind, v = self.value(features)
+        if math.isfinite(v):
+            recent = self._recent.setdefault(kind, [])
+            ranked = self._sorted.setdefault(kind, [])
+            recent.append(v)
+            bisect.insort(ranked, v)
+            self._seen[kind] = self._seen.get(kind, 0) + 1
+            while len(recent) > self.window:
+                del ranked[bisect.bisect_left(ranked, recent.pop(0))]
         return d
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "mean": self.mean, "var": self.var}
+        return {"signal": self.signal, "recent": {k: list(v) for k, v in self._recent.items()}, "seen": dict(self._seen)}
 
     def load_state_dict(self, s: Mapping) -> None:
-        self.n, self.mean, self.var = int(s["n"]), float(s["mean"]), float(s["var"])
+        """Restore the window; a state of another signal (or the old running-moments format) is
+        dropped: its values rank a different quantity."""
+        self._recent, self._sorted, self._seen = {}, {}, {}
+        if s.get("signal") != self.signal:
+            return
+        self._seen = {k: int(v) for k, v in s.get("seen", {}).items()}
+        for kind, values in s.get("recent", {}).items():
+            vals = [float(v) for v in values][-self.window:]
+            self._recent[kind] = vals
+            self._sorted[kind] = sorted(vals)
 
 
 class Policy:
@@ -369,11 +422,10 @@ class Agent:
         self._last_good = self._snapshot()
 
         cc = config.compute
-        self.levels = BudgetLevels.from_config({"levels": [list(x) for x in cc.levels],
-                                                **({} if cc.thresholds is None else {"thresholds": list(cc.thresholds)})})
+        self.levels = cc.budget_levels()
         self.bucket = TokenBucket(cc.rate_per_s, cc.capacity, clock=clock)
         self.policy = Policy(len(self.algorithms), ac.default_arm, ac.escalate_arm, ac.escalate_above)
-        self.difficulty = Difficulty()
+        self.difficulty = Difficulty.from_config(cc)
         self.intel = OnlineIntelligence(config, seed=ac.seed)
         self._arm_index = {}
         for i, a in enumerate(ac.arms):
@@ -619,14 +671,14 @@ class Agent:
 
     def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float) -> Outcome:
         m, intel, fc = self.metrics, self.intel, self.config.failure
-        difficulty = self.difficulty.update(feats["norm_init_loss"])
+        difficulty = self.difficulty.update(feats)
         feats = dict(feats, difficulty=difficulty)
         embedding = _LazyEmbedding(self, tt)  # computed when memory is searched or written, once
         x = self._pre_features(tt, feats, embedding)
         plan = intel.plan(task.id, x)
         arm, base = self._arm_and_base(plan, feats)
         alg = self._algorithm(arm, plan.overrides.get("inner_lr"))
-        p_budget = plan.p_pre if plan.warm and fc.enabled else difficulty
+        p_budget = plan.p_pre if plan.warm and fc.enabled and self.config.compute.budget_by == "p_fail" else difficulty
         budget, capped = self._budget(base, p_budget)
         flags = ["budget_capped"] if capped else []
         if capped:
@@ -790,7 +842,7 @@ class Agent:
             t0 = time.perf_counter()
             neighbours = self.memory.query(emb, self.config.memory.k)
             m.memory_retrieval_seconds.observe(time.perf_counter() - t0)
-        guard = {"patience": cc.patience, "max_backtracks": cc.max_backtracks}
+        guard = cc.guard_kwargs()
         inits = [None] + self._inits(alg, neighbours, budget.members - 1) if alg.iterative else [None]
         if len(inits) > 1:
             res = ensemble_predict(alg, self.meta, tt, inits, max_steps=budget.steps, holdout=cc.holdout,

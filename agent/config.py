@@ -274,27 +274,53 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class ComputeConfig:
-    """Test-time compute: budget levels ``[steps, members]``, the token bucket, the guards."""
+    """Test-time compute: budget levels ``[steps, members]``, how a task's level is picked, the
+    token bucket, the guards.
 
-    levels: tuple[tuple[int, ...], ...] = ((1, 1), (5, 1), (10, 2))
-    thresholds: Optional[tuple[float, ...]] = option(None, ge=0.0, le=1.0)
+    A task's difficulty (:class:`agent.agent.Difficulty`) is where its ``difficulty`` signal
+    falls among the last ``difficulty_window`` tasks of its kind (an empirical CDF in [0, 1]);
+    ``thresholds`` (default: even splits) map it to a level, and the token bucket may lower it.
+    The defaults were picked on calibration sinusoid tasks (never the benchmark's test tasks;
+    see ``bench/compute_scaling.py``): the absolute initial loss predicts the gain of extra
+    steps, the variance-normalised one does not.
+    """
+
+    levels: tuple[tuple[int, ...], ...] = ((5, 1), (7, 1), (12, 1))
+    thresholds: Optional[tuple[float, ...]] = option(None, ge=0.0, le=1.0, doc="difficulty cut points; none: even splits")
+    difficulty: str = option("init_loss", choices=("init_loss", "norm_init_loss"),
+                             doc="signal ranked: support loss at the meta-init (classification: / log n_way), "
+                                 "or that loss / target variance")
+    difficulty_window: int = option(500, ge=1, doc="recent tasks per kind the signal is ranked against")
+    difficulty_warmup: int = option(20, ge=0, doc="tasks of a kind before its difficulty leaves 0.5")
+    budget_by: str = option("difficulty", choices=("difficulty", "p_fail"),
+                            doc="what picks the level: the difficulty, or the failure predictor once warm")
     rate_per_s: float = option(2000.0, ge=0.0, doc="inner-step units earned per second")
     capacity: float = option(4000.0, gt=0.0)
     patience: int = option(2, ge=1)
+    min_rel_improvement: float = option(0.01, ge=0.0, doc="plateau: a step improving the support loss less is flat")
     max_backtracks: int = option(4, ge=0)
     holdout: Optional[float] = option(0.3, gt=0.0, lt=1.0, doc="held-out share for ensemble weights")
 
     def _validate(self, path: str) -> None:
-        from agent.compute import BudgetLevels
-
         for i, level in enumerate(self.levels):
             if len(level) not in (1, 2) or any(v < (0 if j == 0 else 1) for j, v in enumerate(level)):
                 raise ConfigError(f"{path}.levels[{i}]", f"must be [steps] or [steps, members], got {list(level)}")
         try:
-            BudgetLevels.from_config({"levels": [list(x) for x in self.levels],
-                                      **({} if self.thresholds is None else {"thresholds": list(self.thresholds)})})
+            self.budget_levels()
         except ValueError as e:
             raise ConfigError(f"{path}.levels", str(e)) from None
+
+    def budget_levels(self):
+        """The :class:`agent.compute.BudgetLevels` these ``levels`` and ``thresholds`` describe."""
+        from agent.compute import BudgetLevels
+
+        return BudgetLevels.from_config({"levels": [list(x) for x in self.levels],
+                                         **({} if self.thresholds is None else {"thresholds": list(self.thresholds)})})
+
+    def guard_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`agent.compute.guarded_adapt` (and ``ensemble_predict``)."""
+        return {"patience": self.patience, "min_rel_improvement": self.min_rel_improvement,
+                "max_backtracks": self.max_backtracks}
 
 
 @dataclass(frozen=True)

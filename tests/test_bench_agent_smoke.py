@@ -8,13 +8,19 @@ from helpers import run_bench_script
 
 def test_compute_scaling_quick(tmp_path):
     stdout, data = run_bench_script("compute_scaling", tmp_path)
-    assert "### K=5: query MSE" in stdout and "### K=10: query MSE" in stdout
-    for row in ("| plain 20", "| guarded 20", "| agent-style 1/5/10", "| adaptive (tuned)"):
+    assert "### sinusoid K=5: query MSE" in stdout and "### sinusoid K=10: query MSE" in stdout
+    for row in ("| plain 20", "| guarded 20", "| agent (shipped 5/7/12)", "| adaptive (tuned)"):
         assert row in stdout
-    assert "### Goal: adaptive" in stdout
-    assert stdout.count("K=5: PASS") + stdout.count("K=5: MISS") == 1
-    assert set(data["K"]) == {"K=5", "K=10"}
-    assert all(isinstance(v["rows"]["adaptive (tuned)"]["diverged"], int) for v in data["K"].values())
+    assert "### Goal: adaptive" in stdout and "agent defaults pick" in stdout
+    assert stdout.count("sinusoid K=5 adaptive (tuned): PASS") + stdout.count("sinusoid K=5 adaptive (tuned): MISS") == 1
+    assert set(data["settings"]) == {"sinusoid K=5", "sinusoid K=10"}
+    assert all(isinstance(v["rows"]["adaptive (tuned)"]["diverged"], int) for v in data["settings"].values())
+
+
+def test_compute_scaling_glyphs_quick(tmp_path):
+    stdout, data = run_bench_script("compute_scaling", tmp_path, "--glyphs", "--no-sinusoid")
+    assert "### glyphs 5-way 1-shot: query accuracy %" in stdout and "| guarded 20" in stdout
+    assert set(data["settings"]) == {"glyphs 5-way 1-shot"}
 
 
 def test_memory_bench_quick(tmp_path):
