@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,154 @@ def test_token_bucket_state_round_trip():
     assert c.available() == 3.0  # downtime earns nothing
     later[0] += 1
     assert c.available() == 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped adaptive policy: difficulty ranking, config, the agent's budget choice
+# ---------------------------------------------------------------------------------------------
+def test_difficulty_is_the_mid_rank_ecdf_of_the_window():
+    from scipy.stats import percentileofscore
+
+    from agent.agent import Difficulty
+
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(size=60).round(1)  # ties included
+    d = Difficulty(window=25, warmup=5)
+    for i, v in enumerate(values):
+        window = values[max(0, i - 25):i]
+        got = d.update(float(v))
+        want = 0.5 if i < 5 else percentileofscore(window, v, kind="mean") / 100
+        assert got == pytest.approx(want, abs=1e-12), i
+    assert d.estimate(float("inf")) == 1.0 and d.estimate(float("nan")) == 1.0
+    n = len(d._recent["regression"])
+    d.update(float("nan"))  # non-finite signals are not ranked against later tasks
+    assert len(d._recent["regression"]) == n == 25
+
+
+def test_difficulty_signal_kinds_and_state():
+    from agent.agent import Difficulty
+
+    d = Difficulty(window=10, warmup=3)
+    for v in (1.0, 2.0, 3.0, 4.0):
+        d.update({"init_loss": v, "norm_init_loss": 1.0, "n_way": 0.0})
+    # classification is ranked on its own: still in warm-up though four regression tasks were seen
+    assert d.estimate({"init_loss": 9.0, "norm_init_loss": 1.0, "n_way": 5.0}) == 0.5
+    for n_way in (2, 5, 10):  # the loss at chance, log(n_way), is the same signal for any ways
+        d.update({"init_loss": math.log(n_way), "norm_init_loss": 1.0, "n_way": float(n_way)})
+    assert d._recent["classification"] == pytest.approx([1.0, 1.0, 1.0])
+    assert d.estimate(2.5) == pytest.approx(0.5)  # regression: 2 of 4 below
+    norm = Difficulty("norm_init_loss", window=10, warmup=0)
+    assert norm.value({"init_loss": 8.0, "norm_init_loss": 0.5, "n_way": 0.0}) == ("regression", 0.5)
+    # state round trip; a state of another signal, or the old running-moments format, is dropped
+    e = Difficulty(window=10, warmup=3)
+    e.load_state_dict(d.state_dict())
+    assert e.estimate(2.5) == d.estimate(2.5) and e._seen == d._seen
+    norm.load_state_dict(d.state_dict())
+    assert norm._recent == {}
+    e.load_state_dict({"n": 40, "mean": 0.1, "var": 1.0})
+    assert e.estimate(2.5) == 0.5
+    with pytest.raises(ValueError, match="signal"):
+        Difficulty("loss")
+
+
+def test_compute_config_builds_levels_and_guard():
+    from agent.config import ComputeConfig, Config, ConfigError
+
+    cc = Config.from_dict({"compute": {"levels": [[2], [4, 1], [9, 2]], "thresholds": [0.2, 0.9],
+                                       "min_rel_improvement": 0.05, "patience": 3}}).compute
+    levels = cc.budget_levels()
+    assert levels.levels == (Budget(2), Budget(4), Budget(9, 2)) and levels.thresholds == (0.2, 0.9)
+    assert cc.guard_kwargs() == {"patience": 3, "min_rel_improvement": 0.05, "max_backtracks": 4}
+    shipped = ComputeConfig()
+    assert [b.steps for b in shipped.budget_levels().levels] == [5, 7, 12] and shipped.thresholds is None
+    assert shipped.difficulty == "init_loss" and shipped.budget_by == "difficulty"
+    with pytest.raises(ConfigError, match="compute.levels"):
+        Config.from_dict({"compute": {"levels": [[1], [5]], "thresholds": [0.2, 0.5]}})
+    with pytest.raises(ConfigError, match="compute.difficulty"):
+        Config.from_dict({"compute": {"difficulty": "variance"}})
+    with pytest.raises(ConfigError, match="compute.min_rel_improvement"):
+        Config.from_dict({"compute": {"min_rel_improvement": -0.1}})
+
+
+def test_shipped_demo_config_is_the_default_compute_section():
+    from pathlib import Path
+
+    from agent.config import ComputeConfig, load
+
+    demo = load(Path(__file__).resolve().parents[1] / "agent" / "configs" / "demo.yaml").compute
+    assert demo == ComputeConfig()
+
+
+def _agent_budgets(amplitudes, **compute):
+    from agent.agent import Agent
+    from agent.task import Task
+
+    cfg = {"model": {"arch": "mlp", "hidden": [16, 16]}, "agent": {"in_shape": [1], "out_dim": 1},
+           "compute": {"levels": [[1, 1], [3, 1]], "difficulty_warmup": 4, "min_rel_improvement": 0.0, **compute},
+           "memory": {"enabled": False}, "online": {"enabled": False}, "failure": {"enabled": False}}
+    agent = Agent.from_config(cfg)
+    rng = np.random.default_rng(0)
+    budgets = []
+    for i, a in enumerate(amplitudes):
+        x, q = rng.uniform(-5, 5, (10, 1)), rng.uniform(-5, 5, (5, 1))
+        budgets.append(agent.step(Task(f"t{i}", "regression", x, a * np.sin(x), q, a * np.sin(q))).budget["steps"])
+    return budgets
+
+
+def test_agent_spends_more_steps_on_large_absolute_losses():
+    """After warm-up the top level goes to the tasks with the largest initial loss (large
+    amplitudes). Ranking the variance-normalised loss instead does not follow the amplitude."""
+    warm = [0.5, 1.0, 2.0, 4.0]
+    budgets = _agent_budgets(warm + [0.2, 5.0, 0.3, 4.5])
+    assert budgets[:4] == [3, 3, 3, 3]  # warm-up: difficulty 0.5 -> the upper of two levels
+    assert budgets[4:] == [1, 3, 1, 3]
+    assert _agent_budgets(warm + [0.2, 5.0, 0.3, 4.5], difficulty="norm_init_loss")[4:] != [1, 3, 1, 3]
+
+
+def test_agent_budget_equals_the_policy_pieces():
+    """The agent's per-task budget is exactly task_features -> Difficulty -> choose_budget (what
+    bench/compute_scaling.py's agent row calls)."""
+    from agent.agent import Agent, Difficulty, task_features
+    from agent.algorithms.base import TaskTensors as TT
+    from agent.task import Task
+
+    cfg = {"model": {"arch": "mlp", "hidden": [16, 16]}, "agent": {"in_shape": [1], "out_dim": 1},
+           "compute": {"difficulty_warmup": 3}, "memory": {"enabled": False}, "online": {"enabled": False},
+           "failure": {"enabled": False}}
+    agent = Agent.from_config(cfg)
+    cc = agent.config.compute
+    diff, levels = Difficulty.from_config(cc), cc.budget_levels()
+    alg, meta = agent.algorithms[0], agent.meta
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        a = rng.uniform(0.1, 5)
+        x, q = rng.uniform(-5, 5, (8, 1)), rng.uniform(-5, 5, (4, 1))
+        tt = TT(torch.tensor(x, dtype=torch.float32), torch.tensor(a * np.sin(x), dtype=torch.float32),
+                torch.tensor(q, dtype=torch.float32), None, "regression")
+        want = choose_budget(diff.update(task_features(alg, meta, tt)), levels, math.inf).budget
+        got = agent.step(Task(f"t{i}", "regression", x, a * np.sin(x), q)).budget
+        assert got == want.to_dict(), i
+
+
+def test_plateau_rule_only_truncates_the_trajectory():
+    """guarded_adapt(m, rule) = guarded_adapt(M, rule) when that run accepted fewer than m steps,
+    else guarded_adapt(m, min_rel_improvement=0): the identity bench/compute_scaling.py scores
+    its calibration grid with. Checked with backtracking (too large an lr) and without."""
+    g = torch.Generator().manual_seed(5)
+    for lr in (0.02, 0.3):
+        maml, meta = sine_maml(lr)
+        for _ in range(3):
+            task = sine_task(g, k=5)
+            for min_rel, patience in ((1e-3, 2), (0.05, 1), (0.1, 2)):
+                long_state, long_trace = guarded_adapt(maml, meta, task, 12, min_rel_improvement=min_rel, patience=patience)
+                for m in (1, 2, 3, 5, 8, 12):
+                    state, trace = guarded_adapt(maml, meta, task, m, min_rel_improvement=min_rel, patience=patience)
+                    if m > long_trace.steps or m == 12:
+                        ref_state, ref = long_state, long_trace
+                    else:
+                        ref_state, ref = guarded_adapt(maml, meta, task, m, min_rel_improvement=0.0)
+                    assert (trace.step_calls, trace.best_step, trace.best_loss) == (ref.step_calls, ref.best_step, ref.best_loss)
+                    assert all(torch.equal(state.params[k], ref_state.params[k]) for k in state.params)
 
 
 # ---------------------------------------------------------------------------------------------
