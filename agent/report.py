@@ -642,8 +642,9 @@ def _continual_section(run: Run) -> tuple[Section, ProbeMatrix | None]:
     note = (f"{len(pm.seq)} probes (seq {int(pm.seq[0])} to {int(pm.seq[-1])}) of {len(pm.families)} families "
             f"({', '.join(pm.families)}). BWT_j = mean over family j's absences of (last probe before it returns, or "
             "the final probe) − (first probe after it left); forgetting_j = best earlier probe − final probe; "
-            "FWT_j = last probe before j's first task − the baseline probe before any task. A family still in play "
-            "at the end has no absence (GEM leaves out the last task). Intervals are t-intervals across families "
+            "FWT_j = last probe before j's first task − the baseline probe before any task. The stretch after a "
+            "family's last visit counts only when a probe lies between it and the final probe (as GEM leaves out "
+            "the task trained last). Intervals are t-intervals across families "
             "(wide with few families), not across seeds; pp = percentage points.")
     if pm.sign < 0:
         note += (f" ACC is the final {pm.metric.upper()} (lower is better); BWT, FWT and forgetting are computed on "

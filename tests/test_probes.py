@@ -259,3 +259,23 @@ def test_daemon_without_run_dir_warns_and_runs(tmp_path, caplog):
 
 def test_doctests():
     assert doctest.testmod(probes).failed == 0
+
+
+def test_daemon_restart_continues_probe_numbering(tmp_path):
+    from agent.daemon import add_arguments, run_daemon
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(CONFIG))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    common = ["--stream", "sinusoid-osaka", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), "--state-dir",
+              str(tmp_path / "state"), "--output", str(tmp_path / "out.jsonl"), "--metrics-addr", "0",
+              "--set", "probes.enabled=true", "--set", "probes.every_tasks=25", "--set", "probes.at_family=none",
+              "--set", "probes.tasks_per_family=2", "--set", "probes.steps=1"]
+    assert run_daemon(p.parse_args([*common, "--max-tasks", "30"]), stderr=io.StringIO()) == 0
+    first = load_run(tmp_path / "run").probes
+    assert [q["seq"] for q in first] == [0, 25, 30]
+    assert run_daemon(p.parse_args([*common, "--max-tasks", "30"]), stderr=io.StringIO()) == 0  # resumes at 30
+    run = load_run(tmp_path / "run")
+    assert len(run) == 60 and [q["seq"] for q in run.probes] == [0, 25, 30, 50, 60]
+    assert [q["step"] for q in run.probes] == [0, 1, 2, 3, 4]
