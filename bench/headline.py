@@ -226,15 +226,15 @@ def paired(a, b, digits: int = 3) -> str:
 
 def main(argv=None) -> int:
     p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="stream and training seeds (>= 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="stream and training seeds (>= 2)")
     p.add_argument("--sine-seconds", type=float, default=30.0, help="sinusoid MAML meta-training per seed")
     p.add_argument("--sine-tasks", type=int, default=500, help="fixed sinusoid test tasks")
     p.add_argument("--glyph-seconds", type=float, default=15.0, help="ProtoNet meta-training per seed and shot count")
     p.add_argument("--glyph-episodes", type=int, default=300, help="test-script episodes (5-way, 15 query/class)")
-    p.add_argument("--tasks", type=int, default=500, help="tasks of each online run")
+    p.add_argument("--tasks", type=int, default=1000, help="tasks of each online run")
     p.add_argument("--tune-seed", type=int, default=100, help="stream seed that picks the best fixed arm")
     p.add_argument("--tune-tasks", type=int, default=300)
-    p.add_argument("--probe-every", type=int, default=50)
+    p.add_argument("--probe-every", type=int, default=100)
     p.add_argument("--probe-tasks", type=int, default=6, help="held-out probe tasks per family")
     args = p.parse_args(argv)
     if args.quick:
