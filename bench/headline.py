@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     print(common.table(head, rows))
 
     print()
-    print(f"### Ablation minus full agent, paired by stream seed (mean [95% CI] p; positive MSE = the ablation is worse)")
+    print("### Ablation minus full agent, paired by stream seed (mean [95% CI] p; positive MSE = the ablation is worse)")
     rows = []
     full = on["full"]
     for v in VARIANTS[1:]:
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
                      paired([r[s]["after_switch"] for s in seeds], [full[s]["after_switch"] for s in seeds]),
                      paired([r[s]["acc"] for s in seeds], [full[s]["acc"] for s in seeds]),
                      paired([r[s]["units_mean"] for s in seeds], [full[s]["units_mean"] for s in seeds], 2)])
-    print(common.table(["variant", "Δ prequential MSE", f"Δ MSE after a switch", "Δ probe ACC (MSE)", "Δ inner steps/task"],
+    print(common.table(["variant", "Δ prequential MSE", "Δ MSE after a switch", "Δ probe ACC (MSE)", "Δ inner steps/task"],
                        rows))
 
     print()
