@@ -404,6 +404,8 @@ class ProbingSource:
         self.source.close()
 
     def __getattr__(self, name):  # anything else a caller reads from the wrapped source
+        if name == "source":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.source, name)
 
 
