@@ -29,7 +29,7 @@ agent.config.ConfigError: train.meta_batch: must be >= 1, got 0
 >>> Config.from_dict({"trian": {}})
 Traceback (most recent call last):
 ...
-agent.config.ConfigError: trian: unknown key (known: model, algorithm, data, train, eval, agent, compute, memory, online, limits, checkpoint, metrics, selector, failure, drift, experiments)
+agent.config.ConfigError: trian: unknown key (known: model, algorithm, data, train, eval, agent, compute, memory, online, limits, checkpoint, metrics, selector, failure, drift, experiments, probes)
 >>> with_overrides(cfg, ["train.steps=20", "algorithm.inner_lr=0.1"]).train.steps
 20
 """
@@ -66,6 +66,7 @@ __all__ = [
     "FailureConfig",
     "DriftConfig",
     "ExperimentConfig",
+    "ProbesConfig",
     "Config",
     "option",
     "load",
@@ -497,6 +498,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ProbesConfig:
+    """Periodic probes of the current meta-parameters on fixed held-out tasks of every family
+    (:mod:`agent.probes`), written to the run directory (``meta-agent run --run-dir``) for the
+    report's ACC, BWT, FWT and forgetting. A probe changes no agent state."""
+
+    enabled: bool = False
+    every_tasks: int = option(200, ge=1, doc="a probe every N answered tasks (and one at the end)")
+    tasks_per_family: int = option(8, ge=1, doc="held-out tasks per family")
+    steps: int = option(5, ge=0, doc="guarded inner steps of the default arm per probe task")
+    source: str = option("auto", choices=("auto", "stream", "file", "reservoir"),
+                         doc="auto: fresh tasks of a synthetic stream's families, else `file`, else a reservoir")
+    file: Optional[str] = option(None, doc="JSON Lines of labelled tasks with meta.family (source file)")
+    at_family: str = option("every", choices=("none", "new", "every"),
+                            doc="also probe just before the first task of a new family (new) or at every family switch (every)")
+    seed: int = option(1, ge=1, doc="probe tasks of a synthetic stream use its seed plus this")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration. Add a section by adding a field here."""
 
@@ -516,6 +535,7 @@ class Config:
     failure: FailureConfig = field(default_factory=FailureConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     experiments: tuple[ExperimentConfig, ...] = ()
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
 
     def _validate(self, path: str) -> None:
         algorithms = [a.algorithm for a in self.agent.arms]

@@ -112,6 +112,31 @@ def progress_line(agent, stats) -> str:
             f"errors {stats.errors}  memory {s['memory']}  pending {s['pending']}  updates {s['online_updates']}")
 
 
+def _prober(agent, source, run_dir):
+    """The periodic prober (``probes`` config) when enabled and a run directory is kept."""
+    pc = agent.config.probes
+    if not pc.enabled:
+        return None
+    if agent.run_log is None:
+        log.warning("probes.enabled is set but there is no --run-dir to write probes to: no probes")
+        return None
+    from agent.probes import build_prober
+    from agent.runlog import load_run
+
+    seen, step = (), 0
+    if agent.counters["tasks"]:  # a restart: continue the numbering and the families seen
+        run = load_run(run_dir)
+        seen, step = run.families, len(run.probes)
+    return build_prober(pc, agent.run_log, source, run_dir, seen=seen, step=step)
+
+
+def _probing(source, agent, prober):
+    from agent.probes import ProbingSource
+
+    prober.start(agent)
+    return ProbingSource(source, agent, prober)
+
+
 def run_daemon(args: argparse.Namespace, *, stderr: TextIO | None = None) -> int:
     """Run the agent until the source ends, ``--max-tasks``, or SIGTERM/SIGINT; returns 0."""
     import torch
@@ -143,6 +168,9 @@ def run_daemon(args: argparse.Namespace, *, stderr: TextIO | None = None) -> int
                                      seed=agent.config.agent.seed)
     max_bytes = agent.config.limits.max_record_bytes
     source = build_source(args, stream.get("source"), max_bytes)
+    prober = _prober(agent, source, args.run_dir)
+    if prober is not None:
+        source = _probing(source, agent, prober)
     feedback = None
     if args.feedback:
         feedback = JsonlFileSource(args.feedback, follow=args.follow, position=stream.get("feedback"),
@@ -186,6 +214,8 @@ def run_daemon(args: argparse.Namespace, *, stderr: TextIO | None = None) -> int
     try:
         stats = agent.run(source, sink, stop=stop, feedback_source=feedback, checkpoint_dir=args.state_dir,
                           max_tasks=args.max_tasks, on_progress=on_progress if show else None)
+        if prober is not None:
+            prober.final(agent)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

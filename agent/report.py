@@ -45,6 +45,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from agent import stats
+from agent.probes import ProbeContinual, continual_from_probes
 from agent.runlog import (
     Run,
     higher_is_better,
@@ -310,62 +311,77 @@ def auc_interval(scores, labels, confidence: float = 0.95, n_resamples: int = 20
 
 @dataclass
 class ProbeMatrix:
-    """Probe matrix for :func:`agent.stats.continual_metrics` (higher is better)."""
+    """Probes of a run as a matrix ``R[p, j]``: quality on family ``j`` at probe ``p``.
+
+    ``R`` is signed so that higher is better (``-MSE`` for regression: ``sign = -1``); NaN where
+    a family was not probed. ``seq`` holds each probe's position (tasks answered), ``first`` and
+    ``last`` each family's first and last task before the final probe (NaN: not visited), and
+    ``baseline`` the probe before any task (``seq == 0``), if there is one.
+    """
 
     R: np.ndarray
+    seq: np.ndarray
     families: list[str]
+    first: np.ndarray
+    last: np.ndarray
     baseline: np.ndarray | None
     metric: str
     sign: float
+    task_seq: np.ndarray
+    task_family: np.ndarray
+
+    def continual(self) -> ProbeContinual:
+        """ACC, BWT, FWT and forgetting (:func:`agent.probes.continual_from_probes`)."""
+        return continual_from_probes(self.R, self.seq, self.task_seq, self.task_family, self.baseline)
 
 
 def probe_matrix(run: Run) -> ProbeMatrix | str:
-    """The ``T x T`` matrix ``R[i, j]``: performance on family ``j`` after stage ``i``.
+    """The probes of ``run`` as a :class:`ProbeMatrix` (rows: probes after the first task).
 
-    Stage ``i`` is the stretch of the stream from the first visit of the ``i``-th new family to
-    the first visit of the next new family; its row is the last probe inside it (or the last
-    probe whose ``stage`` is that family, when probes name their stage). The row of the last
-    stage is the final probe. A probe with ``seq == 0`` (before any task) is the baseline for
-    forward transfer. For MSE the matrix holds ``-MSE`` (``sign = -1``) so that higher is
-    better, as :func:`~agent.stats.continual_metrics` expects.
+    Families are ordered by first visit in the stream; families that were probed but never
+    visited come last. A probe repeated at the same position (a restart) counts once (the last).
 
     Returns
     -------
     ProbeMatrix or str
         The matrix, or a sentence saying why it cannot be built.
     """
-    probes = [p for p in run.probes if isinstance(p.get("scores"), Mapping) and p["scores"]]
+    probes = [p for p in run.probes if isinstance(p.get("scores"), Mapping) and p["scores"] and p.get("seq") is not None]
     if not probes:
         return "No probes recorded: ACC, BWT, FWT and forgetting need periodic probes of every family."
     metric = probes[-1].get("metric") or (run.metric_names[0] if run.metric_names else "accuracy")
     sign = 1.0 if higher_is_better(metric) else -1.0
-    probed = set().union(*(p["scores"].keys() for p in probes))
-    fams = [f for f in run.families if f in probed]
-    if len(fams) < 2:
-        return "Fewer than two probed families in the stream: continual metrics need at least two stages."
-    first = {}
-    for s, f in zip(run.seq, run.family):
-        if f in probed and f not in first:
-            first[f] = s
-    rows: list[dict] = []
-    named = all(p.get("stage") for p in probes)
-    for k, f in enumerate(fams):
-        if named:
-            inside = [p for p in probes if p.get("stage") == f]
-        else:
-            end = first[fams[k + 1]] if k + 1 < len(fams) else math.inf
-            inside = [p for p in probes if p.get("seq") is not None and first[f] < p["seq"] <= end]
-        if not inside:
-            return f"No probe during the stage of family {f!r}: continual metrics need one probe per stage."
-        rows.append(inside[-1]["scores"])
-    missing = [(i, f) for i, r in enumerate(rows) for f in fams if r.get(f) is None]
-    if missing:
-        i, f = missing[0]
-        return f"Probe of stage {i} has no score for family {f!r}: probe every family at every probe."
-    R = sign * np.array([[float(r[f]) for f in fams] for r in rows])
-    base = [p for p in probes if p.get("seq") == 0 and all(p["scores"].get(f) is not None for f in fams)]
-    baseline = sign * np.array([float(base[-1]["scores"][f]) for f in fams]) if base else None
-    return ProbeMatrix(R, fams, baseline, metric, sign)
+    by_seq: dict[int, dict] = {}
+    for p in probes:
+        by_seq[int(p["seq"])] = p
+    rows = [by_seq[k] for k in sorted(by_seq) if k > 0]
+    if not rows:
+        return "Only a baseline probe (before any task): continual metrics need probes after training."
+    probed = list(dict.fromkeys(f for p in probes for f in p["scores"]))
+    fams = [f for f in run.families if f in probed] + [f for f in probed if f not in set(run.families)]
+    end = float(rows[-1]["seq"])
+    seq = np.asarray(run.seq, dtype=float)
+    first, last = np.full(len(fams), np.nan), np.full(len(fams), np.nan)
+    for j, f in enumerate(fams):
+        at = seq[[i for i, g in enumerate(run.family) if g == f]]
+        at = at[at < end]
+        if at.size:
+            first[j], last[j] = at.min(), at.max()
+    if not np.isfinite(first).any():
+        return "No probed family was visited before the last probe: continual metrics need training on a probed family."
+
+    def score(p, f):
+        v = p["scores"].get(f)
+        return math.nan if v is None else sign * float(v)
+
+    R = np.array([[score(p, f) for f in fams] for p in rows], dtype=float)
+    base = by_seq.get(0)
+    baseline = np.array([score(base, f) for f in fams]) if base is not None else None
+    index = {f: j for j, f in enumerate(fams)}
+    known = np.isfinite(seq)
+    task_family = np.array([index.get(f, -1) for f, k in zip(run.family, known) if k], dtype=np.int64)
+    return ProbeMatrix(R, np.array([float(p["seq"]) for p in rows]), fams, first, last, baseline, metric, sign,
+                       seq[known], task_family)
 
 
 def switch_windows(run: Run, k: int, include_start: bool = False) -> tuple[stats.SwitchWindows, np.ndarray, np.ndarray]:
@@ -596,32 +612,54 @@ def _continual_section(run: Run) -> tuple[Section, ProbeMatrix | None]:
     if isinstance(pm, str):
         sec.text.append(pm)
         return sec, None
-    cm = stats.continual_metrics(pm.R, pm.baseline)
-    T = len(pm.families)
-    per = {
-        "ACC (final average)": pm.R[-1],
-        "BWT (backward transfer)": pm.R[-1, :-1] - np.diag(pm.R)[:-1],
-        "FWT (forward transfer)": None if pm.baseline is None else np.diag(pm.R, k=1) - pm.baseline[1:],
-        "forgetting": cm.forgetting_per_task,
-    }
+    cm = pm.continual()
+    m = pm.metric if pm.sign > 0 else ""
+    per = {"ACC (final average)": cm.final, "BWT (backward transfer)": cm.bwt_per_family,
+           "FWT (forward transfer)": cm.fwt_per_family, "forgetting": cm.forgetting_per_family}
     point = {"ACC (final average)": cm.acc, "BWT (backward transfer)": cm.bwt, "FWT (forward transfer)": cm.fwt,
              "forgetting": cm.forgetting}
-    unit_metric = pm.metric if pm.sign > 0 else ""
+    why = {"ACC (final average)": "no family visited before the final probe",
+           "BWT (backward transfer)": "no family absence with a probe at both ends (probes.at_family: every)",
+           "FWT (forward transfer)": "needs a baseline probe before any task and a probe before a family's first visit"
+           if pm.baseline is not None else "needs a baseline probe at seq 0 (before any task)",
+           "forgetting": "no family absence with a probe at both ends (probes.at_family: every)"}
     rows = []
     for name, v in per.items():
-        if v is None:
-            rows.append([name, "n/a", "needs a baseline probe at seq 0 (before any task)"])
+        v = v[np.isfinite(v)]
+        if not v.size or not math.isfinite(point[name]):
+            rows.append([name, "n/a", why[name]])
             continue
-        iv = stats.mean_ci(v) if v.size >= 2 else None
-        unit = _scale(unit_metric)[1] if name.startswith("ACC") else _diff_unit(unit_metric)
-        shown = f"{_num(point[name], unit_metric)}{unit}"
-        rows.append([name, shown, f"[{_num(iv.low, unit_metric)}, {_num(iv.high, unit_metric)}]{unit} over {v.size} families"
-                     if iv else "one family: no interval"])
-    note = (f"{T} stages (families in first-visit order: {', '.join(pm.families)}). Intervals are t-intervals across "
-            "families (wide with few families), not across seeds; pp = percentage points.")
+        acc = name.startswith("ACC")
+        flip = -1.0 if (acc and pm.sign < 0) else 1.0  # ACC of a regression run is shown as the final MSE
+        shown_metric = pm.metric if acc else m
+        unit = _scale(shown_metric)[1] if acc else _diff_unit(m)
+        ci = "one family: no interval"
+        if v.size >= 2:
+            iv = stats.mean_ci(v)
+            lo, hi = sorted((flip * iv.low, flip * iv.high))
+            ci = f"[{_num(lo, shown_metric)}, {_num(hi, shown_metric)}]{unit} over {v.size} families"
+        rows.append([name, f"{_num(flip * point[name], shown_metric)}{unit}", ci])
+    note = (f"{len(pm.seq)} probes (seq {int(pm.seq[0])} to {int(pm.seq[-1])}) of {len(pm.families)} families "
+            f"({', '.join(pm.families)}). BWT_j = mean over family j's absences of (last probe before it returns, or "
+            "the final probe) − (first probe after it left); forgetting_j = best earlier probe − final probe; "
+            "FWT_j = last probe before j's first task − the baseline probe before any task. The stretch after a "
+            "family's last visit counts only when a probe lies between it and the final probe (as GEM leaves out "
+            "the task trained last). Intervals are t-intervals across families "
+            "(wide with few families), not across seeds; pp = percentage points.")
     if pm.sign < 0:
-        note += f" Computed on −{pm.metric.upper()} so that higher is better: positive BWT/FWT mean improvement."
+        note += (f" ACC is the final {pm.metric.upper()} (lower is better); BWT, FWT and forgetting are computed on "
+                 f"−{pm.metric.upper()}, so positive BWT/FWT mean improvement and positive forgetting means loss.")
     sec.tables.append(Table(["metric", "value", "95% CI"], rows, note))
+    fam_rows = []
+    for j, f in enumerate(pm.families):
+        raw = lambda x: "-" if not math.isfinite(x) else _num(pm.sign * x if pm.sign < 0 else x, pm.metric)  # noqa: E731
+        diff = lambda x: "-" if not math.isfinite(x) else _num(x, m)  # noqa: E731
+        visits = "not visited" if not math.isfinite(pm.first[j]) else f"{int(pm.first[j])}–{int(pm.last[j])}"
+        fam_rows.append([f, visits, str(int(cm.gaps[j])), raw(cm.final[j]), raw(cm.after_last_visit[j]), diff(cm.bwt_per_family[j]),
+                         diff(cm.forgetting_per_family[j]), diff(cm.fwt_per_family[j])])
+    sec.tables.append(Table(["family", "tasks (first–last seq)", "absences probed", f"final {_metric_label(pm.metric)}",
+                             "after last visit", "BWT", "forgetting", "FWT"], fam_rows,
+                            "Per family; '-' where undefined."))
     return sec, pm
 
 
@@ -924,25 +962,25 @@ def plot_latency(run: Run):
     return fig
 
 
-def plot_probe_matrix(pm: ProbeMatrix):
-    """Heat map of the probe matrix ``R``."""
-    T = len(pm.families)
-    fig, axes = _figure(1.2 + 0.9 * T + 1.5, 1.0 + 0.7 * T)
+def plot_probe_matrix(pm: ProbeMatrix, run: Run | None = None):
+    """The probe matrix over the stream: one line per family (rows of ``R``), baseline at 0."""
+    fig, axes = _figure(9.0, 3.8)
     ax = axes[0, 0]
-    s, unit = _scale(pm.metric)
-    R = pm.sign * pm.R * s
-    im = ax.imshow(R, cmap="viridis" if pm.sign > 0 else "viridis_r", aspect="auto")
-    for i in range(T):
-        for j in range(T):
-            r, g, b, _ = im.cmap(im.norm(R[i, j]))
-            ax.text(j, i, _num(pm.sign * pm.R[i, j], pm.metric), ha="center", va="center", fontsize=8,
-                    color="white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black")
-    ax.set_xticks(range(T), pm.families, rotation=30, ha="right")
-    ax.set_yticks(range(T), [f"after {f}" for f in pm.families])
-    ax.set_xlabel("probed family")
-    ax.set_ylabel("stage")
-    ax.set_title("Probe matrix R")
-    fig.colorbar(im, ax=ax, label=_metric_label(pm.metric))
+    s, _unit = _scale(pm.metric)
+    colours = _colours(run) if run is not None else {}
+    handles = _family_spans(ax, run, colours, label=False) if run is not None else []
+    for j, f in enumerate(pm.families):
+        c = colours.get(f, _FAMILY_COLOURS[j % len(_FAMILY_COLOURS)])
+        x, y = pm.seq, pm.sign * pm.R[:, j] * s
+        if pm.baseline is not None and math.isfinite(pm.baseline[j]):
+            x, y = np.r_[0.0, x], np.r_[pm.sign * pm.baseline[j] * s, y]
+        ok = np.isfinite(y)
+        handles += ax.plot(x[ok], y[ok], "o-", color=c, lw=1.5, ms=3.5, label=f"probe: {f}")
+    ax.set_xlabel("task index in the stream (seq)")
+    ax.set_ylabel(_metric_label(pm.metric))
+    ax.set_title("Probes of each family over the stream (rows of R; shading: family in play)")
+    ax.grid(alpha=0.25)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return fig
 
 
@@ -1012,7 +1050,7 @@ def build_sections(run: Run | None, *, eval_dirs: Sequence[Path] = (), tolerance
         mix.text.append(f"One algorithm throughout: {next(iter(algs))}.")
     cont, pm = _continual_section(run)
     if figures and pm is not None:
-        cont.figures["probe_matrix"] = plot_probe_matrix(pm)
+        cont.figures["probe_matrix"] = plot_probe_matrix(pm, run)
     by_title[cont.title] = cont
     mem = by_title["Memory growth"]
     if any(p.get("memory") is not None for p in run.probes):

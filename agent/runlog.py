@@ -5,7 +5,8 @@ A run directory holds::
     config.yaml      the configuration the run started with (JSON if PyYAML is missing)
     run.json         start time, version, stream description, seed, and one entry per restart
     outcomes.jsonl   one line per answered task, plus delayed ``score`` lines (below)
-    probes.jsonl     periodic probes: performance on each family, memory size
+    probes.jsonl     periodic probes: performance on each family, memory size (agent.probes)
+    probe_tasks.jsonl  the probe tasks kept from the stream itself (probes.source: reservoir)
 
 **outcomes.jsonl** holds two record types, joined by task id at read time (labels may arrive
 long after the answer, or never):
@@ -22,7 +23,9 @@ long after the answer, or never):
 **probes.jsonl**: ``{"type": "probe", "step", "seq", "scores": {family: performance},
 "metric", "memory", "stage", "time"}``. ``seq`` is the number of tasks answered when the
 probe ran (a probe with ``seq == 0`` is the untrained baseline used for forward transfer);
-``stage`` optionally names the family trained just before the probe.
+``stage`` optionally names the family trained just before the probe (informational: the
+report places probes by ``seq``). The daemon writes probes when ``probes.enabled`` is set
+(:mod:`agent.probes`); the report turns them into ACC, BWT, FWT and forgetting.
 
 Writing is append-only and line-atomic from the reader's point of view: every record is one
 line, flushed as it is written, and a line torn by a crash is skipped (and counted) on reading.

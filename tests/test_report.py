@@ -262,3 +262,21 @@ def test_doctests():
     for mod in (report, runlog):
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0 and result.attempted > 0
+
+
+def test_report_continual_metrics_match_probes(runs):
+    """The continual section's numbers are continual_from_probes on the run's probes (recurring families)."""
+    from agent.probes import continual_from_probes
+
+    run = load_run(runs[0])
+    pm = report.probe_matrix(run)
+    assert pm.families == list(FAMILIES) and pm.R.shape == (16, 3) and pm.seq[0] == 25 and pm.seq[-1] == 400
+    index = {f: j for j, f in enumerate(FAMILIES)}
+    cm = continual_from_probes(pm.R, pm.seq, run.seq, [index[f] for f in run.family], pm.baseline)
+    assert pm.continual().bwt == cm.bwt and math.isfinite(cm.bwt) and math.isfinite(cm.fwt)
+    sec = {s.title: s for s in report.build_sections(run, figures=False)}["Continual metrics (ACC, BWT, FWT, forgetting)"]
+    rows = {r[0]: r for r in sec.tables[0].rows}
+    assert rows["ACC (final average)"][1] == f"{100 * cm.acc:.1f}%"
+    assert rows["BWT (backward transfer)"][1] == f"{100 * cm.bwt:.1f} pp"
+    per_family = sec.tables[1].rows
+    assert [r[0] for r in per_family] == list(FAMILIES) and [int(r[2]) for r in per_family] == cm.gaps.tolist()
