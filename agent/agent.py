@@ -809,9 +809,11 @@ class Agent:
         ``memory.warm_start`` ``select`` (see :class:`~agent.config.MemoryConfig`): the
         meta-initialisation is adapted exactly as without memory; a neighbour's stored state is a
         candidate only if, before any step, its support loss is at most ``accept_ratio`` times the
-        meta-initialisation's (an honest comparison: neither has seen this support set). Each
-        candidate is adapted with the same budget (zero steps allowed) and the member with the
-        lowest support loss answers; ties go to the meta-initialisation. ``ensemble``: the
+        meta-initialisation's before adaptation (``accept_against: start``): an honest comparison,
+        as neither state has seen this support set. ``adapted`` compares with the
+        meta-initialisation's loss after its adaptation, an optimistic value, so it is far
+        stricter. Each candidate is adapted with the same budget (zero steps allowed) and the
+        member with the lowest support loss answers; ties go to the meta-initialisation. ``ensemble``: the
         held-out-weighted average of :func:`~agent.compute.ensemble_predict` over the
         meta-initialisation and the nearest neighbours, for budgets with several members.
         """
@@ -832,13 +834,13 @@ class Agent:
             flags.append("backtracked")
         if mc.warm_start == "select" and neighbours:
             best_loss = trace.best_loss
-            start_loss = trace.losses[0] if trace.losses else math.inf
+            ref = best_loss if mc.accept_against == "adapted" else trace.losses[0]
             screened = []
             for init in self._inits(alg, neighbours, mc.k):
                 w_meta = overlay(self.meta, init)
                 with torch.no_grad():
                     loss0 = float(alg.support_loss(w_meta, alg.start(w_meta, tt), tt))
-                if math.isfinite(loss0) and loss0 <= mc.accept_ratio * start_loss:
+                if math.isfinite(loss0) and loss0 <= mc.accept_ratio * ref:
                     screened.append((loss0, len(screened), w_meta))
             screened.sort(key=lambda t: t[:2])
             for _, _, w_meta in screened[: max(1, budget.members - 1)]:

@@ -303,9 +303,10 @@ class MemoryConfig:
 
     ``warm_start`` ``select``: every answer adapts the meta-initialisation as without memory; a
     retrieved neighbour (similarity >= ``min_similarity``, same algorithm, not failed when
-    ``skip_failed``) whose stored state already fits the new support set, before any step, at
-    least as well as the meta-initialisation does (loss <= ``accept_ratio`` x its loss) is adapted
-    too, with the same budget, and the member with the lowest support loss answers. Up to
+    ``skip_failed``) whose stored state fits the new support set, before any step, at least as
+    well as the meta-initialisation does before its adaptation (``accept_against: start``; or
+    after it: ``adapted``, far stricter), i.e. loss <= ``accept_ratio`` x that loss, is adapted too,
+    with the same budget, and the member with the lowest support loss answers. Up to
     ``max(1, members - 1)`` neighbours per task. ``ensemble``: budgets with several members
     average the meta-initialisation and the nearest neighbours, weighted by held-out loss
     (``compute.holdout``). ``off``: memory only feeds the selector's features.
@@ -323,7 +324,9 @@ class MemoryConfig:
     nprobe: int = option(8, ge=1, doc="IVF lists scanned per query")
     warm_start: str = option("select", choices=("select", "ensemble", "off"), doc="how neighbours' states are used")
     min_similarity: float = option(0.0, ge=-1.0, le=1.0, doc="cosine below which a neighbour is ignored")
-    accept_ratio: float = option(1.0, gt=0.0, doc="select: neighbour's start loss vs the meta-init's")
+    accept_ratio: float = option(1.0, gt=0.0, doc="select: a neighbour's start loss must be <= this x the reference")
+    accept_against: str = option("start", choices=("start", "adapted"),
+                                 doc="select: reference is the meta-init's support loss after or before adapting")
     skip_failed: bool = option(False, doc="ignore neighbours whose task failed")
 
 

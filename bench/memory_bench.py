@@ -69,13 +69,14 @@ from agent.task import parse_record  # noqa: E402
 from compute_scaling import train_sinusoid_maml  # noqa: E402
 
 
-def agent_config(init: str | None, memory: bool, budget, seed: int, threads: int) -> dict:
+def agent_config(init: str | None, memory: bool, budget, seed: int, threads: int, warm_start: str = "select") -> dict:
     return {
         "model": {"arch": "mlp", "hidden": [40, 40]},
         "agent": {"in_shape": [1], "out_dim": 1, "seed": seed, "threads": threads, "init_checkpoint": init,
                   "arms": [{"algorithm": "maml", "inner_lr": 0.01, "budget": budget}]},
         "compute": {"levels": [[1, 1], [5, 1], [10, 2]], "rate_per_s": 1e9, "capacity": 1e9},
-        "memory": {"enabled": memory, "capacity": 2000, "eviction": "reservoir", "dim": 64, "k": 4, "state": "head"},
+        "memory": {"enabled": memory, "capacity": 2000, "eviction": "reservoir", "dim": 64, "k": 4, "state": "head",
+                   "warm_start": warm_start},
         "online": {"enabled": True},
         "metrics": {"addr": "0"},
     }
@@ -98,21 +99,18 @@ def _mse(out, t) -> float:
         return float(np.mean((pred - y) ** 2))
 
 
-def run_pair(cfg_off: dict, cfg_on: dict, tasks) -> dict:
-    """Both agents in lockstep: per task, MSE and seconds for each, and whether a warm start answered."""
-    agents = {"off": Agent.from_config(cfg_off), "on": Agent.from_config(cfg_on)}
+def run_agents(cfgs: dict[str, dict], tasks) -> dict:
+    """The agents in lockstep: per task, each one's MSE and seconds, and whether a warm start answered."""
+    agents = {k: Agent.from_config(c) for k, c in cfgs.items()}
     n = len(tasks)
-    res = {k: {"mse": np.empty(n), "secs": np.empty(n)} for k in agents}
-    warm = np.zeros(n, dtype=bool)
+    res = {k: {"mse": np.empty(n), "secs": np.empty(n), "warm": np.zeros(n, dtype=bool)} for k in agents}
     for i, t in enumerate(tasks):
         for name, agent in agents.items():
             t0 = time.perf_counter()
             out = agent.step(t)
             res[name]["secs"][i] = time.perf_counter() - t0
             res[name]["mse"][i] = _mse(out, t)
-            if name == "on":
-                warm[i] = "warm_start" in out.flags
-    res["warm"] = warm
+            res[name]["warm"][i] = "warm_start" in out.flags
     return res
 
 
@@ -135,8 +133,8 @@ def visit_masks(infos) -> dict[str, np.ndarray]:
             "all": np.ones(len(infos), bool)}
 
 
-def paired_rows(res: dict, masks: dict) -> list[dict]:
-    off, on, warm = res["off"]["mse"], res["on"]["mse"], res["warm"]
+def paired_rows(res: dict, masks: dict, base: str = "off") -> list[dict]:
+    off, on, warm = res[base]["mse"], res["on"]["mse"], res["on"]["warm"]
     rows = []
     for name, m in masks.items():
         a, b = off[m], on[m]
@@ -144,7 +142,7 @@ def paired_rows(res: dict, masks: dict) -> list[dict]:
         a, b = a[ok], b[ok]
         row = {"subset": name, "n": int(m.sum()), "non_finite_pairs": int((~ok).sum()),
                "warm_share": float(warm[m].mean()) if m.any() else float("nan"),
-               "ms_off": float(np.median(res["off"]["secs"][m]) * 1e3) if m.any() else float("nan"),
+               "ms_off": float(np.median(res[base]["secs"][m]) * 1e3) if m.any() else float("nan"),
                "ms_on": float(np.median(res["on"]["secs"][m]) * 1e3) if m.any() else float("nan")}
         if a.size >= 2:
             t = paired_t_test(a, b)
@@ -162,15 +160,17 @@ def part_a(args, init: str | None, log) -> dict:
     out = {}
     for label, budget in (("adaptive", "adaptive"), ("top level always", 2)):
         w0, c0 = time.perf_counter(), time.process_time()
-        res = run_pair(agent_config(init, False, budget, args.seed, args.threads),
-                       agent_config(init, True, budget, args.seed, args.threads), tasks)
+        res = run_agents({"off": agent_config(init, False, budget, args.seed, args.threads),
+                          "on": agent_config(init, True, budget, args.seed, args.threads),
+                          "features only": agent_config(init, True, budget, args.seed, args.threads, "off")}, tasks)
         cpw = (time.process_time() - c0) / (time.perf_counter() - w0)
-        log(f"  budget {label}: off {res['off']['secs'].sum():.1f} s, on {res['on']['secs'].sum():.1f} s, "
-            f"{int(res['warm'].sum())} warm-start answers, cpu-per-wall {cpw:.2f}")
+        log(f"  budget {label}: " + ", ".join(f"{k} {v['secs'].sum():.1f} s" for k, v in res.items())
+            + f"; {int(res['on']['warm'].sum())} warm-start answers, cpu-per-wall {cpw:.2f}")
         ratio = res["on"]["secs"] / res["off"]["secs"]
-        out[label] = {"rows": paired_rows(res, masks), "total_s_off": float(res["off"]["secs"].sum()),
-                      "total_s_on": float(res["on"]["secs"].sum()), "median_time_ratio_on_off": float(np.median(ratio)),
-                      "cpu_per_wall": cpw}
+        out[label] = {"rows": paired_rows(res, masks), "rows_vs_features_only": paired_rows(res, masks, "features only"),
+                      "total_s_off": float(res["off"]["secs"].sum()), "total_s_on": float(res["on"]["secs"].sum()),
+                      "total_s_features_only": float(res["features only"]["secs"].sum()),
+                      "median_time_ratio_on_off": float(np.median(ratio)), "cpu_per_wall": cpw}
     return out
 
 
@@ -317,11 +317,14 @@ def main(argv=None) -> int:
         log("retrieval latency ...")
         results["b"] = part_b(args, log)
 
-    for label, a in results.get("a", {}).items():
+    for (label, a), (base, key) in [(x, y) for x in results.get("a", {}).items()
+                                    for y in (("off", "rows"), ("features only", "rows_vs_features_only"))]:
         print()
-        print(f"### (a) query MSE, memory off vs on, paired on the same {args.tasks} task ids; budget: {label}")
+        what = "memory off vs on" if base == "off" else \
+            "memory features only (warm_start: off) vs on, i.e. the warm starts' own effect"
+        print(f"### (a) query MSE, {what}, paired on the same {args.tasks} task ids; budget: {label}")
         table = []
-        for r in a["rows"]:
+        for r in a[key]:
             head = [r["subset"], r["n"], f"{100 * r['warm_share']:.0f}%"]
             times = f"{r['ms_off']:.1f} / {r['ms_on']:.1f}"
             if "diff" not in r:
@@ -329,10 +332,13 @@ def main(argv=None) -> int:
                 continue
             table.append(head + [fmt(r["off"]), fmt(r["on"]), f"{fmt(r['diff'])} [{fmt(r['low'])}, {fmt(r['high'])}]",
                                  f"{r['p']:.3g}", f"{100 * r['better']:.0f}% / {100 * r['worse']:.0f}%", times])
-        print(common.table(["tasks", "n", "warm-start answers", "MSE off", "MSE on", "off - on, 95% paired-t CI", "p",
-                            "on better / worse", "median ms/task off / on"], table))
-        print(f"total {a['total_s_off']:.1f} s off, {a['total_s_on']:.1f} s on; median per-task time ratio on/off "
-              f"{a['median_time_ratio_on_off']:.2f}; cpu-per-wall {a['cpu_per_wall']:.2f}")
+        b_ = "off" if base == "off" else "feat."
+        print(common.table(["tasks", "n", "warm-start answers", f"MSE {b_}", "MSE on", f"{b_} - on, 95% paired-t CI", "p",
+                            "on better / worse", f"median ms/task {b_} / on"], table))
+        if base == "off":
+            print(f"total {a['total_s_off']:.1f} s off, {a['total_s_on']:.1f} s on, {a['total_s_features_only']:.1f} s "
+                  f"features only; median per-task time ratio on/off {a['median_time_ratio_on_off']:.2f}; "
+                  f"cpu-per-wall {a['cpu_per_wall']:.2f}")
     if "b" in results:
         b = results["b"]
         print()

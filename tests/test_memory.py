@@ -544,6 +544,16 @@ def test_gates_turn_warm_starts_off():
             np.testing.assert_array_equal(x.predictions, want)
 
 
+def test_accepting_against_the_adapted_loss_is_stricter():
+    tasks = _line_records(np.random.default_rng(0), 3, -1.0, 2.0) + \
+        _line_records(np.random.default_rng(1), 20, 0.8, -1.0, start=3)
+    counts = {}
+    for against in ("start", "adapted"):
+        a = _agent({"accept_against": against})
+        counts[against] = sum("warm_start" in a.step(t).flags for t in tasks)
+    assert counts["adapted"] < counts["start"]
+
+
 def test_memory_stores_absolute_adapted_heads():
     rng = np.random.default_rng(2)
     agent = _agent({})
