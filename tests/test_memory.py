@@ -569,3 +569,12 @@ def test_memory_stores_absolute_adapted_heads():
     assert not np.allclose(entry.state["head.weight"], meta_head - meta_head)
     w = overlay(agent.meta, entry.state)
     assert np.array_equal(w["params.head.weight"].detach().numpy(), entry.state["head.weight"])
+
+
+@pytest.mark.parametrize("module", ["agent.memory", "agent.ivf"])
+def test_doctests(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
