@@ -11,9 +11,11 @@ Per task (:meth:`Agent.step`):
    the running distribution of past tasks);
 2. an arm from the :class:`Policy` (configured default, escalation by difficulty);
 3. a budget from :func:`~agent.compute.choose_budget` and the :class:`~agent.compute.TokenBucket`;
-4. adaptation with :func:`~agent.compute.guarded_adapt`, or an ensemble over the
-   meta-initialisation and the nearest memory entries' states
-   (:func:`~agent.compute.ensemble_predict`) when the budget has several members;
+4. adaptation with :func:`~agent.compute.guarded_adapt` from the meta-initialisation and,
+   when a retrieved memory entry's stored head fits the support set better than the
+   meta-initialisation before any step, from that head too; the member with the lower support
+   loss answers (``memory.warm_start``; ``ensemble`` averages members instead,
+   :func:`~agent.compute.ensemble_predict`);
 5. an :class:`~agent.task.Outcome`. When labels are known (inline, or later through
    :meth:`Agent.feedback`) the task is scored, stored in memory, and fed to the online
    meta-learner.
