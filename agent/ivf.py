@@ -52,17 +52,23 @@ def mv(matrix: np.ndarray, vector: np.ndarray, out: np.ndarray | None = None) ->
     >>> mv(np.eye(2, dtype=np.float32), np.array([1.0, 2.0], np.float32)).tolist()
     [1.0, 2.0]
     """
-    m = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
-    v = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+    m = torch.from_numpy(_writable(matrix))
+    v = torch.from_numpy(_writable(vector))
     if out is None:
         return torch.mv(m, v).numpy()
     torch.mv(m, v, out=torch.from_numpy(out))
     return out
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    # torch.from_numpy shares memory and warns on read-only arrays (the bank's public views);
+    # nothing here writes to its inputs, but a copy keeps torch's contract.
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return a if a.flags.writeable else a.copy()
+
+
 def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(np.ascontiguousarray(a, np.float32)).matmul(
-        torch.from_numpy(np.ascontiguousarray(b, np.float32))).numpy()
+    return torch.from_numpy(_writable(a)).matmul(torch.from_numpy(_writable(b))).numpy()
 
 
 def auto_nlist(n: int) -> int:
