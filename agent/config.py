@@ -326,7 +326,7 @@ class MemoryConfig:
     min_similarity: float = option(0.0, ge=-1.0, le=1.0, doc="cosine below which a neighbour is ignored")
     accept_ratio: float = option(1.0, gt=0.0, doc="select: a neighbour's start loss must be <= this x the reference")
     accept_against: str = option("start", choices=("start", "adapted"),
-                                 doc="select: reference is the meta-init's support loss after or before adapting")
+                                 doc="select: reference is the meta-init's support loss before (start) or after (adapted) adapting")
     skip_failed: bool = option(False, doc="ignore neighbours whose task failed")
 
 
