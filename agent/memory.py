@@ -1,10 +1,10 @@
 """Episodic memory: task embeddings, records of past tasks, k-NN retrieval, eviction, persistence.
 
 Each task the agent has solved leaves a :class:`MemoryEntry`: an embedding of the task (from
-:func:`task_embedding`), a compact adapted state (what the caller chooses to keep: a head, the
-prototypes, a parameter delta), the algorithm and budget used, and the outcome once labels
-arrive. A new task looks up its nearest past tasks by cosine similarity to pick warm starts for
-an ensemble and context for the selector.
+:func:`task_embedding`), a compact adapted state (what the caller chooses to keep: the agent
+keeps the adapted head's absolute values), the algorithm and budget used, and the outcome once
+labels arrive. A new task looks up its nearest past tasks by cosine similarity to pick warm
+starts and context for the selector.
 
 :class:`MemoryBank` keeps the embeddings in one preallocated, contiguous, L2-normalised float32
 matrix. A small bank answers a query exactly: one matrix-vector product (through torch, so it
