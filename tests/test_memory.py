@@ -578,3 +578,20 @@ def test_doctests(module):
 
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_agent_checkpoint_keeps_the_ivf_index(tmp_path):
+    from agent.agent import Agent
+
+    agent = _agent({"index_min": 6, "nlist": 2, "nprobe": 1})
+    tasks = _line_records(np.random.default_rng(3), 12, 0.5, 0.0)
+    for t in tasks:
+        agent.step(t)
+    assert agent.memory.uses_index
+    agent.save(tmp_path)
+    clone = Agent.load(tmp_path)
+    assert clone.memory.uses_index and np.array_equal(clone.memory.index.centroids, agent.memory.index.centroids)
+    for q in np.random.default_rng(4).standard_normal((20, agent.memory.dim)):
+        a, sa = agent.memory.query_indices(q, 3)
+        b, sb = clone.memory.query_indices(q, 3)
+        assert a.tolist() == b.tolist() and sa.tolist() == sb.tolist()
