@@ -13,9 +13,11 @@ Per task (:meth:`Agent.step`):
 3. a budget from :func:`~agent.compute.choose_budget` (the difficulty picks a level of
    ``compute.levels``; with ``compute.budget_by: p_fail`` the failure predictor's probability
    does once it is warm) and the :class:`~agent.compute.TokenBucket`;
-4. adaptation with :func:`~agent.compute.guarded_adapt`, or an ensemble over the
-   meta-initialisation and the nearest memory entries' states
-   (:func:`~agent.compute.ensemble_predict`) when the budget has several members;
+4. adaptation with :func:`~agent.compute.guarded_adapt` from the meta-initialisation and,
+   when a retrieved memory entry's stored head fits the support set better than the
+   meta-initialisation before any step, from that head too; the member with the lower support
+   loss answers (``memory.warm_start``; ``ensemble`` averages members instead,
+   :func:`~agent.compute.ensemble_predict`);
 5. an :class:`~agent.task.Outcome`. When labels are known (inline, or later through
    :meth:`Agent.feedback`) the task is scored, stored in memory, and fed to the online
    meta-learner.
@@ -63,7 +65,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import checkpoint as ckpt
 from agent.algorithms import Algorithm, TaskTensors, build
-from agent.compute import Budget, TokenBucket, choose_budget, ensemble_predict, guarded_adapt
+from agent.compute import Budget, TokenBucket, choose_budget, ensemble_predict, guarded_adapt, overlay
 from agent.config import Config, load as load_config
 from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
 from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
@@ -446,7 +448,8 @@ class Agent:
             dim = raw
             if raw > mc.dim:
                 self.projection, dim = random_projection(raw, mc.dim, seed=ac.seed), mc.dim
-            self.memory = MemoryBank(mc.capacity, dim, mc.eviction, rng=np.random.default_rng(ac.seed + 1))
+            self.memory = MemoryBank(mc.capacity, dim, mc.eviction, rng=np.random.default_rng(ac.seed + 1),
+                                     **self._index_settings())
         # MemoryBank.nbytes is O(entries); the memory_bytes gauge is kept from this running total
         # instead (see _memory_add), re-read in full only when the bank object is replaced.
         self._memory_tracked: MemoryBank | None = None
@@ -834,38 +837,98 @@ class Agent:
         new = self._adapt(target[0], tt, target[1], embedding)
         return action, target[0], target[1], new, new.steps
 
+    def _index_settings(self) -> dict:
+        mc = self.config.memory
+        return {"index": mc.index, "index_min": mc.index_min, "nlist": mc.nlist, "nprobe": mc.nprobe,
+                "index_seed": self.config.agent.seed + 2}
+
+    def _neighbours(self, budget: Budget, embedding) -> list:
+        """Memory neighbours for this answer (empty when memory is off, empty or not used here)."""
+        mc = self.config.memory
+        if self.memory is None or not len(self.memory) or mc.warm_start == "off":
+            return []
+        if mc.warm_start == "ensemble" and budget.members < 2:
+            return []
+        emb = embedding()
+        if emb is None:
+            return []
+        t0 = time.perf_counter()
+        neighbours = self.memory.query(emb, mc.k)
+        self.metrics.memory_retrieval_seconds.observe(time.perf_counter() - t0)
+        return neighbours
+
     def _adapt(self, alg: Algorithm, tt: TaskTensors, budget: Budget, embedding) -> _Adapted:
-        """Guarded adaptation, or an ensemble over memory neighbours when the budget has members."""
-        m, cc = self.metrics, self.config.compute
-        neighbours = []
-        if budget.members > 1 and self.memory is not None and len(self.memory) and (emb := embedding()) is not None:
-            t0 = time.perf_counter()
-            neighbours = self.memory.query(emb, self.config.memory.k)
-            m.memory_retrieval_seconds.observe(time.perf_counter() - t0)
+        """Guarded adaptation from the meta-initialisation, plus warm starts from memory.
+
+        ``memory.warm_start`` ``select`` (see :class:`~agent.config.MemoryConfig`): the
+        meta-initialisation is adapted exactly as without memory; a neighbour's stored state is a
+        candidate only if, before any step, its support loss is at most ``accept_ratio`` times the
+        meta-initialisation's before adaptation (``accept_against: start``): an honest comparison,
+        as neither state has seen this support set. ``adapted`` compares with the
+        meta-initialisation's loss after its adaptation, an optimistic value, so it is far
+        stricter. Each candidate is adapted with the same budget (zero steps allowed) and the
+        member with the lowest support loss answers; ties go to the meta-initialisation. ``ensemble``: the
+        held-out-weighted average of :func:`~agent.compute.ensemble_predict` over the
+        meta-initialisation and the nearest neighbours, for budgets with several members.
+        """
+        m, cc, mc = self.metrics, self.config.compute, self.config.memory
         guard = cc.guard_kwargs()
-        inits = [None] + self._inits(alg, neighbours, budget.members - 1) if alg.iterative else [None]
-        if len(inits) > 1:
-            res = ensemble_predict(alg, self.meta, tt, inits, max_steps=budget.steps, holdout=cc.holdout,
-                                   generator=self.generator, **guard)
-            m.memory_hits.inc(len(inits) - 1)
-            return _Adapted(res.members[res.best], res.prediction, res.confidence, res.step_calls,
-                            any(tr.diverged for tr in res.traces), len(inits), ["ensemble"])
+        neighbours = self._neighbours(budget, embedding) if alg.iterative else []
+        if mc.warm_start == "ensemble" and neighbours:
+            inits = [None] + self._inits(alg, neighbours, budget.members - 1)
+            if len(inits) > 1:
+                res = ensemble_predict(alg, self.meta, tt, inits, max_steps=budget.steps, holdout=cc.holdout,
+                                       generator=self.generator, **guard)
+                m.memory_hits.inc(len(inits) - 1)
+                return _Adapted(res.members[res.best], res.prediction, res.confidence, res.step_calls,
+                                any(tr.diverged for tr in res.traces), len(inits), ["ensemble"])
         state, trace = guarded_adapt(alg, self.meta, tt, budget.steps, **guard)
+        meta, calls, diverged, members, flags = self.meta, trace.step_calls, trace.diverged, 1, []
+        if trace.backtracks:
+            flags.append("backtracked")
+        if mc.warm_start == "select" and neighbours:
+            best_loss = trace.best_loss
+            ref = best_loss if mc.accept_against == "adapted" else trace.losses[0]
+            screened = []
+            for init in self._inits(alg, neighbours, mc.k):
+                w_meta = overlay(self.meta, init)
+                with torch.no_grad():
+                    loss0 = float(alg.support_loss(w_meta, alg.start(w_meta, tt), tt))
+                if math.isfinite(loss0) and loss0 <= mc.accept_ratio * ref:
+                    screened.append((loss0, len(screened), w_meta))
+            screened.sort(key=lambda t: t[:2])
+            for _, _, w_meta in screened[: max(1, budget.members - 1)]:
+                w_state, w_trace = guarded_adapt(alg, w_meta, tt, budget.steps, min_steps=0, **guard)
+                calls += w_trace.step_calls
+                diverged = diverged or w_trace.diverged
+                members += 1
+                if w_trace.best_loss < best_loss:
+                    meta, state, best_loss = w_meta, w_state, w_trace.best_loss
+            if members > 1:
+                m.memory_hits.inc(members - 1)
+            if meta is not self.meta:
+                flags.append("warm_start")
         with torch.no_grad():
-            out = alg.predict(self.meta, state, tt.query_x).double()
+            out = alg.predict(meta, state, tt.query_x).double()
         conf = None
         if tt.kind == CLASSIFICATION:
             out = torch.softmax(out[..., : int(tt.n_way)], dim=-1)
             conf = out.max(dim=-1).values
-        return _Adapted(state, out, conf, trace.step_calls, trace.diverged, 1, ["backtracked"] if trace.backtracks else [])
+        # A warm member's state holds its adapted parameters (started from the neighbour's), so
+        # _compact stores what answered.
+        return _Adapted(state, out, conf, calls, diverged, members, flags)
 
     def _inits(self, alg: Algorithm, neighbours, n: int) -> list[dict]:
-        """Warm starts from memory: the meta-parameters plus each neighbour's stored delta."""
-        out = []
-        for entry, _sim in neighbours:
+        """Warm starts from memory: up to ``n`` neighbours' stored states (absolute parameter
+        values) that pass the gates: similarity >= ``memory.min_similarity``, the same algorithm,
+        not failed (``memory.skip_failed``), shapes matching the current parameters."""
+        mc, out = self.config.memory, []
+        for entry, sim in neighbours:
             if len(out) >= n:
                 break
-            if entry.algorithm != alg.name or not entry.state:
+            if entry.algorithm != alg.name or not entry.state or sim < mc.min_similarity:
+                continue
+            if mc.skip_failed and entry.failed:
                 continue
             init = {}
             for k, v in entry.state.items():
@@ -873,13 +936,15 @@ class Agent:
                 if ref is None or tuple(ref.shape) != tuple(v.shape):
                     init = None
                     break
-                init[k] = ref.detach() + torch.as_tensor(v, dtype=ref.dtype)
+                init[k] = torch.as_tensor(v, dtype=ref.dtype)
             if init:
                 out.append(init)
         return out
 
     def _compact(self, state) -> dict[str, torch.Tensor]:
-        """What memory keeps of an adapted state: the change of the head (or of every parameter)."""
+        """What memory keeps of an adapted state: the adapted head (or every parameter), as
+        absolute values. Absolute values stay a valid warm start when online meta-learning moves
+        the meta-parameters (a delta would be re-based on a head it was never computed from)."""
         keep_all = self.config.memory.state == "full"
         out = {}
         for k, v in state.params.items():
@@ -887,7 +952,7 @@ class Agent:
                 continue
             ref = self.meta.get("params." + k)
             if ref is not None and ref.shape == v.shape:
-                out[k] = (v.detach() - ref.detach()).clone()
+                out[k] = v.detach().clone()
         return out
 
     # -- internals: learning -------------------------------------------------------------------
@@ -1186,6 +1251,7 @@ class Agent:
                 arrays = {k: z[k] for k in z.files}
             meta = json.loads(arrays.pop("__meta__").tobytes().decode())
             self.memory = MemoryBank.from_state_dict({"meta": meta, "arrays": arrays})
+            self.memory.configure_index(**self._index_settings())  # kept if the settings match
             self._memory_tracked, self._memory_nbytes = self.memory, self.memory.nbytes
             self.metrics.memory_entries.set(len(self.memory))
             self.metrics.memory_bytes.set(self._memory_nbytes)

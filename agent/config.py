@@ -326,14 +326,35 @@ class ComputeConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """Episodic memory: capacity, eviction, embedding width, neighbours for ensembles."""
+    """Episodic memory: capacity, eviction, embedding width, retrieval index, warm starts.
+
+    ``warm_start`` ``select``: every answer adapts the meta-initialisation as without memory; a
+    retrieved neighbour (similarity >= ``min_similarity``, same algorithm, not failed when
+    ``skip_failed``) whose stored state fits the new support set, before any step, at least as
+    well as the meta-initialisation does before its adaptation (``accept_against: start``; or
+    after it: ``adapted``, far stricter), i.e. loss <= ``accept_ratio`` x that loss, is adapted too,
+    with the same budget, and the member with the lowest support loss answers. Up to
+    ``max(1, members - 1)`` neighbours per task. ``ensemble``: budgets with several members
+    average the meta-initialisation and the nearest neighbours, weighted by held-out loss
+    (``compute.holdout``). ``off``: memory only feeds the selector's features.
+    """
 
     enabled: bool = True
     capacity: int = option(2000, ge=1)
     eviction: str = option("reservoir", choices=("reservoir", "diversity"))
     dim: int = option(64, ge=1, le=64, doc="embeddings are projected to this width")
     k: int = option(4, ge=1, doc="neighbours looked up per task")
-    state: str = option("head", choices=("head", "full"), doc="what of an adapted state is kept")
+    state: str = option("head", choices=("head", "full"), doc="what of an adapted state is kept (absolute values)")
+    index: str = option("ivf", choices=("exact", "ivf"), doc="k-NN search: exact, or an IVF index on large banks")
+    index_min: int = option(20000, ge=1, doc="entries from which the IVF index is used")
+    nlist: int = option(0, ge=0, doc="IVF lists; 0: sqrt(entries at training)")
+    nprobe: int = option(8, ge=1, doc="IVF lists scanned per query")
+    warm_start: str = option("select", choices=("select", "ensemble", "off"), doc="how neighbours' states are used")
+    min_similarity: float = option(0.0, ge=-1.0, le=1.0, doc="cosine below which a neighbour is ignored")
+    accept_ratio: float = option(1.0, gt=0.0, doc="select: a neighbour's start loss must be <= this x the reference")
+    accept_against: str = option("start", choices=("start", "adapted"),
+                                 doc="select: reference is the meta-init's support loss before (start) or after (adapted) adapting")
+    skip_failed: bool = option(False, doc="ignore neighbours whose task failed")
 
 
 @dataclass(frozen=True)

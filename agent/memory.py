@@ -1,14 +1,20 @@
 """Episodic memory: task embeddings, records of past tasks, k-NN retrieval, eviction, persistence.
 
 Each task the agent has solved leaves a :class:`MemoryEntry`: an embedding of the task (from
-:func:`task_embedding`), a compact adapted state (what the caller chooses to keep: a head, the
-prototypes, a parameter delta), the algorithm and budget used, and the outcome once labels
-arrive. A new task looks up its nearest past tasks by cosine similarity to pick warm starts for
-an ensemble and context for the selector.
+:func:`task_embedding`), a compact adapted state (what the caller chooses to keep: the agent
+keeps the adapted head's absolute values), the algorithm and budget used, and the outcome once
+labels arrive. A new task looks up its nearest past tasks by cosine similarity to pick warm
+starts and context for the selector.
 
 :class:`MemoryBank` keeps the embeddings in one preallocated, contiguous, L2-normalised float32
-matrix, so a query is one matrix-vector product plus ``np.argpartition``: exact k-NN, no index to
-maintain (``torch.topk`` does the selection on large banks). It is bounded: when full, *reservoir* eviction (Vitter's algorithm R) keeps a uniform
+matrix. A small bank answers a query exactly: one matrix-vector product (through torch, so it
+runs on the process's torch threads rather than numpy's multi-threaded BLAS pool) plus a top-k
+selection. A large bank (``index="ivf"``, from ``index_min`` entries) keeps an inverted-file index
+(:class:`~agent.ivf.IVFIndex`): only the members of the ``nprobe`` lists nearest to the query are
+scored, exactly, from the same matrix. The index follows every add, replacement and eviction, is
+retrained (deterministically) when as many entries have changed as it was trained on, and is
+saved with the bank. Ties in similarity are broken by slot, so results do not depend on the
+order in which candidates were gathered. It is bounded: when full, *reservoir* eviction (Vitter's algorithm R) keeps a uniform
 sample of everything seen, and *diversity* eviction drops the most redundant entry (the one most
 similar to its nearest neighbour), which keeps rare tasks that a uniform sample would lose.
 
@@ -39,13 +45,15 @@ import numpy as np
 import torch
 
 from agent.atomic import atomic_write
+from agent.ivf import IVFIndex, _mm, mv
 from agent.algorithms.base import CLASSIFICATION, TaskTensors
 from agent.nn.model import embed, subdict
 
 __all__ = ["MemoryEntry", "MemoryBank", "task_embedding", "random_projection"]
 
 _EVICTIONS = ("reservoir", "diversity")
-_FORMAT = 1
+_INDEXES = ("exact", "ivf")
+_FORMAT = 2  # 2: adds the IVF index; format 1 files (no index) still load
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,6 +245,15 @@ class MemoryBank:
         neighbour was evicted.
     rng
         ``np.random.Generator`` (or a seed) for reservoir sampling; saved with the state.
+    index
+        ``"exact"``: every query scores every entry. ``"ivf"``: from ``index_min`` entries on,
+        queries go through an inverted-file index (approximate; see :mod:`agent.ivf`).
+    index_min
+        Size at which the IVF index is first trained; smaller banks are searched exactly.
+    nlist, nprobe
+        IVF lists (``0``: ``sqrt`` of the size at training) and lists scanned per query.
+    index_seed
+        Seeds the index's k-means (training is deterministic given the entries).
 
     Examples
     --------
@@ -253,11 +270,18 @@ class MemoryBank:
     """
 
     def __init__(self, capacity: int, dim: int, eviction: str = "reservoir",
-                 rng: np.random.Generator | int | None = None):
+                 rng: np.random.Generator | int | None = None, *, index: str = "exact", index_min: int = 20_000,
+                 nlist: int = 0, nprobe: int = 12, index_seed: int = 0):
         if int(capacity) < 1 or int(dim) < 1:
             raise ValueError(f"capacity and dim must be >= 1, got {capacity}, {dim}")
         if eviction not in _EVICTIONS:
             raise ValueError(f"eviction must be one of {_EVICTIONS}, got {eviction!r}")
+        if index not in _INDEXES:
+            raise ValueError(f"index must be one of {_INDEXES}, got {index!r}")
+        if int(index_min) < 1:
+            raise ValueError(f"index_min must be >= 1, got {index_min}")
+        self.index_kind, self.index_min = index, int(index_min)
+        self._index = IVFIndex(int(dim), nlist, nprobe, index_seed) if index == "ivf" else None
         self.capacity = int(capacity)
         self.dim = int(dim)
         self.eviction = eviction
@@ -283,7 +307,13 @@ class MemoryBank:
         return task_id in self._slot
 
     def __repr__(self) -> str:
-        return f"MemoryBank(capacity={self.capacity}, dim={self.dim}, eviction={self.eviction!r}, size={len(self)})"
+        return (f"MemoryBank(capacity={self.capacity}, dim={self.dim}, eviction={self.eviction!r}, "
+                f"index={self.index_kind!r}, size={len(self)})")
+
+    @property
+    def index(self) -> IVFIndex | None:
+        """The IVF index (``None`` for ``index="exact"``); queries use it once it is trained."""
+        return self._index
 
     def get(self, task_id: str) -> MemoryEntry | None:
         slot = self._slot.get(task_id)
@@ -303,6 +333,14 @@ class MemoryBank:
         if self.eviction == "diversity":
             total += self._nn_sim.nbytes + self._nn_idx.nbytes
         return total + sum(a.nbytes for e in self._entries for a in e.state.values())
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of the IVF index (centroids and lists), not included in :attr:`nbytes`."""
+        ix = self._index
+        if ix is None or not ix.trained:
+            return 0
+        return ix.centroids.nbytes + ix._list_of.nbytes + ix._pos.nbytes + sum(m.nbytes for m in ix._members)
 
     def update_outcome(self, task_id: str, *, quality: float | None = None, failed: bool | None = None) -> bool:
         """Record a task's outcome when its labels arrive; False if it is not (or no longer) stored."""
@@ -336,6 +374,11 @@ class MemoryBank:
         entry.state = {str(k): _as_array(v) for k, v in entry.state.items()}
         entry.seq = self._next_seq
         self._next_seq += 1
+        gone = self._add(entry, x)
+        self._maybe_train()
+        return gone
+
+    def _add(self, entry: MemoryEntry, x: np.ndarray) -> MemoryEntry | None:
         if entry.task_id in self._slot:  # an update, not a new task
             slot = self._slot[entry.task_id]
             old = self._entries[slot]
@@ -359,6 +402,15 @@ class MemoryBank:
             return None
         return self._evict_redundant(entry, x)
 
+    def _maybe_train(self) -> None:
+        """(Re)train the IVF index at ``index_min`` entries and whenever as many entries have
+        changed since the last training as it was trained on (growth or turnover)."""
+        ix, n = self._index, len(self)
+        if ix is None or n < self.index_min:
+            return
+        if not ix.trained or ix.changes >= ix.trained_size:
+            ix.train(self._emb[:n])
+
     def _detach(self, slot: int) -> MemoryEntry:
         old = self._entries[slot]
         old.embedding = old.embedding.copy()  # it was a view of the row about to be overwritten
@@ -371,6 +423,8 @@ class MemoryBank:
         entry.embedding = self._row(n)
         self._entries.append(entry)
         self._slot[entry.task_id] = n
+        if self._index is not None:
+            self._index.add(n, x)
         if self.eviction == "diversity":
             self._link_new(n, n + 1)
 
@@ -385,13 +439,15 @@ class MemoryBank:
         entry.embedding = self._row(slot)
         self._entries[slot] = entry
         self._slot[entry.task_id] = slot
+        if self._index is not None:
+            self._index.add(slot, x)  # moves the slot to the list of its new vector
         if self.eviction == "diversity":
             self._relink_after_replace(slot)
 
     # -- diversity bookkeeping ---------------------------------------------------------------------
     def _link_new(self, slot: int, n: int) -> None:
         """Nearest neighbour of the entry in ``slot``, and the others' neighbours if it is closer."""
-        s = self._emb[:n] @ self._emb[slot]
+        s = mv(self._emb[:n], self._emb[slot])
         s[slot] = -np.inf
         if n > 1:
             j = int(np.argmax(s))
@@ -408,7 +464,7 @@ class MemoryBank:
         orphans = orphans[orphans != slot]
         self._nn_sim[slot], self._nn_idx[slot] = -np.inf, -1
         if orphans.size:  # their neighbour is gone: recompute them in one product
-            sims = self._emb[:n] @ self._emb[orphans].T  # (n, orphans)
+            sims = _mm(self._emb[:n], self._emb[orphans].T)  # (n, orphans)
             sims[orphans, np.arange(orphans.size)] = -np.inf
             best = np.argmax(sims, axis=0)
             self._nn_idx[orphans] = best
@@ -417,7 +473,7 @@ class MemoryBank:
 
     def _evict_redundant(self, entry: MemoryEntry, x: np.ndarray) -> MemoryEntry:
         n = len(self)
-        s = self._emb[:n] @ x
+        s = mv(self._emb[:n], x)
         j = int(np.argmax(s))
         i = int(np.argmax(self._nn_sim[:n]))
         if s[j] >= self._nn_sim[i]:
@@ -430,29 +486,48 @@ class MemoryBank:
         return old
 
     # -- queries -------------------------------------------------------------------------------
-    def query_indices(self, embedding: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Slots and cosine similarities of the ``k`` nearest entries, most similar first."""
+    @property
+    def uses_index(self) -> bool:
+        """Whether queries currently go through the IVF index (else they are exact)."""
+        return self._index is not None and self._index.trained and len(self) >= self.index_min
+
+    def query_indices(self, embedding: Any, k: int, *, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Slots and cosine similarities of the ``k`` nearest entries, most similar first
+        (equal similarities: lower slot first). ``exact``: bypass the IVF index."""
         n = len(self)
         k = min(int(k), n)
         if k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         q = self._normalise(embedding)
-        s = self._scores[:n]
-        np.dot(self._emb[:n], q, out=s)
+        if self.uses_index and not exact:
+            cand = self._index.candidates(q)
+            if cand.size >= k:
+                s = mv(self._emb.take(cand, axis=0), q)
+                return self._top(s, k, cand)
+        s = mv(self._emb[:n], q, out=self._scores[:n])
+        return self._top(s, k, None)
+
+    @staticmethod
+    def _top(s: np.ndarray, k: int, slots: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        n = s.shape[0]
         if k < n and n > 4096:
             # torch.topk selects k of 100k scores ~3x faster than np.argpartition (0.16 vs
-            # 0.5 ms); from_numpy shares the buffer, so nothing is copied.
-            idx = torch.topk(torch.from_numpy(s), k, sorted=False).indices.numpy()
+            # 0.5 ms); from_numpy shares the buffer, so nothing is copied. The k-th value's
+            # ties are resolved below, so take every entry scoring at least that.
+            kth = float(torch.topk(torch.from_numpy(s), k, sorted=False).values.min())
+            idx = np.flatnonzero(s >= kth)
         elif k < n:
-            idx = np.argpartition(s, n - k)[n - k:]
+            kth = s[np.argpartition(s, n - k)[n - k]]
+            idx = np.flatnonzero(s >= kth)
         else:
             idx = np.arange(n)
-        idx = idx[np.argsort(-s[idx], kind="stable")]
-        return idx, s[idx].copy()
+        slot = idx if slots is None else slots[idx]
+        order = np.lexsort((slot, -s[idx]))[:k]  # similarity descending, then slot ascending
+        return slot[order], s[idx[order]].copy()
 
-    def query(self, embedding: Any, k: int) -> list[tuple[MemoryEntry, float]]:
+    def query(self, embedding: Any, k: int, *, exact: bool = False) -> list[tuple[MemoryEntry, float]]:
         """The ``k`` most cosine-similar entries as ``(entry, similarity)``, most similar first."""
-        idx, sims = self.query_indices(embedding, k)
+        idx, sims = self.query_indices(embedding, k, exact=exact)
         return [(self._entries[i], float(s)) for i, s in zip(idx, sims)]
 
     # -- persistence -------------------------------------------------------------------------
@@ -468,7 +543,11 @@ class MemoryBank:
                 arrays[f"state.{i}.{j}"] = v.copy()
         meta = {"format": _FORMAT, "capacity": self.capacity, "dim": self.dim, "eviction": self.eviction,
                 "seen": self.seen, "next_seq": self._next_seq, "rng": _jsonable(self.rng.bit_generator.state),
-                "entries": [e._meta() for e in self._entries]}
+                "entries": [e._meta() for e in self._entries], "index": {"kind": self.index_kind, "min": self.index_min}}
+        if self._index is not None:
+            ix_meta, ix_arrays = self._index.state_dict(n)
+            meta["index"]["ivf"] = ix_meta
+            arrays.update(ix_arrays)
         json.dumps(meta)  # fail here, not at save time, if an annotation is not JSON-able
         return {"meta": meta, "arrays": arrays}
 
@@ -476,12 +555,13 @@ class MemoryBank:
     def from_state_dict(cls, state: Mapping[str, Any]) -> "MemoryBank":
         """Rebuild a bank from :meth:`state_dict` output (queries and evictions continue identically)."""
         meta, arrays = state["meta"], state["arrays"]
-        if meta.get("format") != _FORMAT:
+        if meta.get("format") not in (1, _FORMAT):
             raise ValueError(f"unsupported memory format {meta.get('format')!r}")
         rng_state = meta["rng"]
         rng = np.random.Generator(getattr(np.random, rng_state["bit_generator"])())
         rng.bit_generator.state = rng_state
-        bank = cls(meta["capacity"], meta["dim"], meta["eviction"], rng)
+        index = meta.get("index", {"kind": "exact", "min": 20_000})
+        bank = cls(meta["capacity"], meta["dim"], meta["eviction"], rng, index=index["kind"], index_min=index["min"])
         emb = np.asarray(arrays["embeddings"], dtype=np.float32)
         n = len(meta["entries"])
         if emb.shape != (n, bank.dim):
@@ -498,7 +578,29 @@ class MemoryBank:
             bank._nn_idx[:n] = arrays["nn_idx"]
         bank.seen = int(meta["seen"])
         bank._next_seq = int(meta["next_seq"])
+        if bank._index is not None and "ivf" in index:
+            bank._index = IVFIndex.from_state_dict(index["ivf"], arrays)
+            if bank._index.trained and bank._index._count.sum() != n:
+                raise ValueError(f"the IVF index lists {int(bank._index._count.sum())} entries, the bank has {n}")
         return bank
+
+    def configure_index(self, index: str, index_min: int = 20_000, nlist: int = 0, nprobe: int = 12,
+                        index_seed: int = 0) -> None:
+        """Switch the search method (e.g. after loading a bank saved with other settings): a
+        kept IVF index whose settings match stays as it is; otherwise it is rebuilt (trained
+        deterministically on the current entries when the bank is large enough)."""
+        if index not in _INDEXES:
+            raise ValueError(f"index must be one of {_INDEXES}, got {index!r}")
+        same = (index == self.index_kind and self._index is not None and self._index.nlist_config == int(nlist)
+                and self._index.seed == int(index_seed))
+        self.index_kind, self.index_min = index, int(index_min)
+        if index == "exact":
+            self._index = None
+        elif same:
+            self._index.nprobe = int(nprobe)
+        else:
+            self._index = IVFIndex(self.dim, nlist, nprobe, index_seed)
+        self._maybe_train()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an ``.npz`` atomically (temp file + rename); metadata rides along as JSON bytes."""

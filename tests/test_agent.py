@@ -213,7 +213,7 @@ def test_escalation_arm_and_fixed_budget():
 
 
 def test_ensemble_over_memory_neighbours():
-    agent = Agent.from_config({**SMALL, "compute": {"levels": [[3, 3]]}})
+    agent = Agent.from_config({**SMALL, "compute": {"levels": [[3, 3]]}, "memory": {"warm_start": "ensemble"}})
     rng = np.random.default_rng(8)
     outs = [agent.step(sine_task(rng, i)) for i in range(6)]
     assert "ensemble" not in outs[0].flags  # empty memory: the meta-init alone

@@ -25,7 +25,7 @@ def test_compute_scaling_glyphs_quick(tmp_path):
 
 def test_memory_bench_quick(tmp_path):
     stdout, data = run_bench_script("memory_bench", tmp_path)
-    assert "### (a) query MSE, memory off vs on" in stdout and "| later visits" in stdout
+    assert "### (a) query MSE, memory off vs on" in stdout and "| family's later visits" in stdout
     assert "### (b) MemoryBank.query latency" in stdout and "Goal p99 <= 2 ms" in stdout
     assert set(data["a"]) == {"adaptive", "top level always"}
     assert data["b"]["rows"]

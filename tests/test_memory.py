@@ -326,3 +326,272 @@ def test_embedding_ranks_same_family_first_on_most_random_draws():
         a, b, other = draw("sine"), draw("sine"), draw(("line", "quad")[i % 2])
         wins += a @ b > a @ other
     assert wins >= 0.9 * n, wins
+
+
+# ---------------------------------------------------------------------------------------------
+# IVF index
+# ---------------------------------------------------------------------------------------------
+def clustered(n, dim, rng, centres=None, noise=0.3):
+    centres = rng.standard_normal((40, dim)) if centres is None else centres
+    x = centres[rng.integers(0, len(centres), n)]
+    return x + noise * np.linalg.norm(x, axis=1, keepdims=True) * rng.standard_normal((n, dim)) / math.sqrt(dim), centres
+
+
+def ivf_bank(n, dim, capacity=None, eviction="reservoir", seed=0, index_min=300, nprobe=4, nlist=0):
+    rng = np.random.default_rng(seed)
+    data, centres = clustered(n, dim, rng)
+    bank = MemoryBank(capacity or n, dim, eviction, rng=np.random.default_rng(seed + 1), index="ivf",
+                      index_min=index_min, nprobe=nprobe, nlist=nlist, index_seed=seed)
+    for i in range(n):
+        bank.add(MemoryEntry(f"t{i}", data[i], {"w": np.full(2, i, np.float32)}))
+    return bank, centres
+
+
+def check_index_consistent(bank):
+    """Every stored slot is in exactly one list, the list of its vector's nearest centroid
+    (as of its last add or the last training), and nothing else is indexed."""
+    ix = bank.index
+    n = len(bank)
+    members = np.concatenate([ix._members[c][: ix._count[c]] for c in range(ix.nlist)])
+    assert sorted(members.tolist()) == list(range(n))
+    nearest = (bank.embeddings @ ix.centroids.T).argmax(1)
+    for s in range(n):
+        c = ix.list_of(s)
+        assert ix._members[c][ix._pos[s]] == s
+        # ties in the centroid scores aside, the list is the nearest centroid's
+        sims = ix.centroids @ bank.embeddings[s]
+        assert c == nearest[s] or math.isclose(sims[c], sims[nearest[s]], rel_tol=0, abs_tol=1e-6)
+
+
+def test_ivf_recall_is_high_on_clustered_data_and_exact_with_every_list():
+    bank, centres = ivf_bank(3000, 16, nprobe=4)
+    assert bank.uses_index and bank.index.nlist > 1
+    rng = np.random.default_rng(7)
+    queries, _ = clustered(200, 16, rng, centres)
+    hits = []
+    for q in queries:
+        exact = bank.query_indices(q, 4, exact=True)[0]
+        approx, sims = bank.query_indices(q, 4)
+        hits.append(len(set(exact) & set(approx)) / 4)
+        # the similarities returned are exact (re-ranked from the stored vectors)
+        assert np.allclose(sims, bank.embeddings[approx] @ (q / np.linalg.norm(q)), atol=1e-5)
+    assert np.mean(hits) >= 0.95
+    # Probing every list is exact k-NN: the same slots, in the same order, as the brute force.
+    bank.index.nprobe = bank.index.nlist
+    for q in queries[:50]:
+        a, sa = bank.query_indices(q, 6)
+        e, se = bank.query_indices(q, 6, exact=True)
+        assert a.tolist() == e.tolist() and np.allclose(sa, se, atol=1e-6)
+
+
+def test_small_banks_are_searched_exactly():
+    bank, _ = ivf_bank(200, 8, index_min=300)
+    assert not bank.index.trained and not bank.uses_index
+    q = np.ones(8)
+    assert bank.query_indices(q, 5)[0].tolist() == bank.query_indices(q, 5, exact=True)[0].tolist()
+
+
+@pytest.mark.parametrize("eviction", ["reservoir", "diversity"])
+def test_ivf_stays_consistent_through_evictions_replacements_and_retraining(eviction):
+    bank, centres = ivf_bank(2500, 12, capacity=800, eviction=eviction, index_min=300)
+    check_index_consistent(bank)
+    trainings = bank.index.trainings
+    assert trainings >= 2  # trained at 300, retrained as entries changed
+    rng = np.random.default_rng(3)
+    # Replacing an id in place moves its slot to the list of its new vector.
+    victim = list(bank)[5].task_id
+    bank.add(MemoryEntry(victim, -centres[0]))
+    check_index_consistent(bank)
+    # No query can return an evicted entry, and each result is what the stored vectors say.
+    stored = {e.task_id for e in bank}
+    for q in clustered(50, 12, rng, centres)[0]:
+        for e, s in bank.query(q, 4):
+            assert e.task_id in stored
+            assert math.isclose(s, float(e.embedding @ (q / np.linalg.norm(q))), abs_tol=1e-5)
+
+
+def test_ties_are_broken_by_slot_in_both_paths():
+    bank = MemoryBank(2000, 4, index="ivf", index_min=100, nprobe=50)
+    rng = np.random.default_rng(0)
+    for i in range(2000):
+        v = np.array([1.0, 0, 0, 0]) if i % 500 == 7 else rng.standard_normal(4)
+        bank.add(MemoryEntry(f"t{i}", v))
+    for exact in (True, False):
+        slots, sims = bank.query_indices(np.array([1.0, 0, 0, 0]), 3, exact=exact)
+        assert slots.tolist() == [7, 507, 1007] and np.allclose(sims, 1.0)
+
+
+def test_ivf_training_is_deterministic():
+    a, _ = ivf_bank(1500, 8, seed=4)
+    b, _ = ivf_bank(1500, 8, seed=4)
+    assert np.array_equal(a.index.centroids, b.index.centroids)
+    assert np.array_equal(a.index._list_of[:1500], b.index._list_of[:1500])
+
+
+@pytest.mark.parametrize("eviction", ["reservoir", "diversity"])
+def test_ivf_state_round_trip_gives_identical_results(eviction, tmp_path):
+    bank, centres = ivf_bank(2000, 10, capacity=900, eviction=eviction, index_min=300, nprobe=3)
+    path = tmp_path / "memory.npz"
+    bank.save(path)
+    clone = MemoryBank.load(path)
+    assert clone.uses_index and np.array_equal(clone.index.centroids, bank.index.centroids)
+    rng = np.random.default_rng(11)
+    queries = clustered(100, 10, rng, centres)[0]
+
+    def same():
+        for q in queries:
+            a, sa = bank.query_indices(q, 5)
+            b, sb = clone.query_indices(q, 5)
+            assert a.tolist() == b.tolist() and sa.tolist() == sb.tolist()
+
+    same()
+    # Adds, evictions and retrainings continue identically after the round trip.
+    more = clustered(1500, 10, rng, centres)[0]
+    for i, v in enumerate(more):
+        x, y = bank.add(MemoryEntry(f"n{i}", v)), clone.add(MemoryEntry(f"n{i}", v))
+        assert (x and x.task_id) == (y and y.task_id)
+    assert clone.index.trainings == bank.index.trainings > 1
+    same()
+    check_index_consistent(clone)
+
+
+def test_format_1_files_load_and_the_index_is_rebuilt():
+    bank, _ = ivf_bank(600, 6, index_min=300)
+    state = bank.state_dict()
+    old = {"meta": {k: v for k, v in state["meta"].items() if k != "index"},
+           "arrays": {k: v for k, v in state["arrays"].items() if not k.startswith("ivf_")}}
+    old["meta"]["format"] = 1
+    clone = MemoryBank.from_state_dict(old)
+    assert clone.index_kind == "exact" and not clone.uses_index
+    clone.configure_index("ivf", index_min=300, nprobe=4, index_seed=0)
+    assert clone.uses_index
+    check_index_consistent(clone)
+    clone.configure_index("exact")
+    assert clone.index is None and not clone.uses_index
+    with pytest.raises(ValueError, match="index"):
+        MemoryBank(4, 2, index="hnsw")
+
+
+def test_corrupt_ivf_arrays_are_rejected():
+    bank, _ = ivf_bank(600, 6, index_min=300)
+    state = bank.state_dict()
+    state["arrays"]["ivf_lists"] = state["arrays"]["ivf_lists"].copy()
+    state["arrays"]["ivf_lists"][0] = 10_000
+    with pytest.raises(ValueError, match="IVF"):
+        MemoryBank.from_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm starts in the agent (memory.warm_start: select)
+# ---------------------------------------------------------------------------------------------
+def _agent(memory: dict, levels=((3, 1),)):
+    from agent.agent import Agent
+
+    return Agent.from_config({"model": {"arch": "mlp", "hidden": [16, 16]},
+                              "agent": {"in_shape": [1], "out_dim": 1, "seed": 3},
+                              "compute": {"levels": [list(x) for x in levels]},
+                              "memory": {"capacity": 100, **memory}, "online": {"enabled": False},
+                              "metrics": {"addr": "0"}})
+
+
+def _line_records(rng, n, slope, intercept, start=0):
+    from agent.task import Task
+
+    out = []
+    for i in range(n):
+        x, xq = rng.uniform(-5, 5, (10, 1)), rng.uniform(-5, 5, (10, 1))
+        out.append(Task(f"s{start + i}", "regression", x, slope * x + intercept, xq, slope * xq + intercept))
+    return out
+
+
+def _mse(out, t):
+    return float(np.mean((np.asarray(out.predictions).reshape(-1) - t.query_y.reshape(-1)) ** 2))
+
+
+@pytest.mark.parametrize("levels", [((3, 1),), ((3, 2),)])
+def test_warm_starts_help_on_a_recurring_task_and_change_nothing_else(levels):
+    """Fresh records of one function (after three of another): memory-on answers later records
+    from the earlier records' heads, so adaptation accumulates across records, and beats
+    memory-off by far; wherever no warm start answered, the answer is memory-off's."""
+    rng = np.random.default_rng(0)
+    tasks = _line_records(rng, 3, -1.0, 2.0) + _line_records(rng, 20, 0.8, -1.0, start=3)
+    on, off = _agent({}, levels), _agent({"enabled": False}, levels)
+    mse_on, mse_off, warm = [], [], []
+    for t in tasks:
+        a, b = on.step(t), off.step(t)
+        mse_on.append(_mse(a, t))
+        mse_off.append(_mse(b, t))
+        warm.append("warm_start" in a.flags)
+        if "warm_start" not in a.flags:
+            np.testing.assert_array_equal(a.predictions, b.predictions)
+    assert not warm[0] and not warm[3] and sum(warm[5:]) >= 15
+    assert np.mean(mse_on[8:]) < 0.5 * np.mean(mse_off[8:])
+    assert on.registry.get_sample_value("metaagent_memory_hits_total") >= sum(warm)
+
+
+def test_gates_turn_warm_starts_off():
+    rng = np.random.default_rng(1)
+    tasks = _line_records(rng, 10, 0.8, -1.0)
+    off = _agent({"enabled": False})
+    expected = [off.step(t).predictions for t in tasks]
+    for memory in ({"accept_ratio": 1e-12}, {"warm_start": "off"}, {"min_similarity": 1.0}, {"skip_failed": True}):
+        a = _agent(memory)
+        for t, want in zip(tasks, expected):
+            x = a.step(t)
+            if memory.get("skip_failed"):  # these tasks all fail at first (random init): gated out
+                assert all(e.failed for e in a.memory)
+            assert "warm_start" not in x.flags, memory
+            np.testing.assert_array_equal(x.predictions, want)
+
+
+def test_accepting_against_the_adapted_loss_is_stricter():
+    tasks = _line_records(np.random.default_rng(0), 3, -1.0, 2.0) + \
+        _line_records(np.random.default_rng(1), 20, 0.8, -1.0, start=3)
+    counts = {}
+    for against in ("start", "adapted"):
+        a = _agent({"accept_against": against})
+        counts[against] = sum("warm_start" in a.step(t).flags for t in tasks)
+    assert counts["adapted"] < counts["start"]
+
+
+def test_memory_stores_absolute_adapted_heads():
+    rng = np.random.default_rng(2)
+    agent = _agent({})
+    t = _line_records(rng, 1, 2.0, 0.0)[0]
+    agent.step(t)
+    entry = agent.memory.get(t.id)
+    assert set(entry.state) == {"head.weight", "head.bias"}
+    # An adapted head, not a change: it is the meta head plus a visible step, and a warm start
+    # from it reproduces the answer's support loss without any step.
+    from agent.compute import overlay
+
+    meta_head = agent.meta["params.head.weight"].detach().numpy()
+    assert not np.allclose(entry.state["head.weight"], meta_head - meta_head)
+    w = overlay(agent.meta, entry.state)
+    assert np.array_equal(w["params.head.weight"].detach().numpy(), entry.state["head.weight"])
+
+
+@pytest.mark.parametrize("module", ["agent.memory", "agent.ivf"])
+def test_doctests(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_agent_checkpoint_keeps_the_ivf_index(tmp_path):
+    from agent.agent import Agent
+
+    agent = _agent({"index_min": 6, "nlist": 2, "nprobe": 1})
+    tasks = _line_records(np.random.default_rng(3), 12, 0.5, 0.0)
+    for t in tasks:
+        agent.step(t)
+    assert agent.memory.uses_index
+    agent.save(tmp_path)
+    clone = Agent.load(tmp_path)
+    assert clone.memory.uses_index and np.array_equal(clone.memory.index.centroids, agent.memory.index.centroids)
+    for q in np.random.default_rng(4).standard_normal((20, agent.memory.dim)):
+        a, sa = agent.memory.query_indices(q, 3)
+        b, sb = clone.memory.query_indices(q, 3)
+        assert a.tolist() == b.tolist() and sa.tolist() == sb.tolist()
