@@ -1164,7 +1164,9 @@ class Agent:
         ``checkpoint_dir`` is given.
 
         Checkpoints are due every ``checkpoint_every_s`` seconds of the agent's clock and/or every
-        ``checkpoint_every_tasks`` tasks. A failed one (full or dead disk) is logged and counted in
+        ``checkpoint_every_tasks`` tasks, checked after every micro-batch; with
+        ``checkpoint_every_tasks`` a micro-batch is cut where the count is reached, so a checkpoint
+        follows exactly every that many answered tasks (a restart replays fewer). A failed one (full or dead disk) is logged and counted in
         ``metaagent_checkpoint_failures_total`` and the stream goes on; the next attempt waits a
         back-off delay that starts at ``checkpoint_every_s`` (at 1 s when that is infinite, i.e.
         time-based checkpoints are off, or 0), doubles per consecutive failure up to
@@ -1189,9 +1191,32 @@ class Agent:
                 s["feedback"] = feedback_source.position()
             return s
 
+        def maybe_checkpoint():
+            nonlocal last_ckpt, tasks_at_ckpt
+            if checkpoint_dir is None:
+                return
+            now = self.clock()
+            due = now - last_ckpt >= every_s or bool(every_tasks and stats.tasks - tasks_at_ckpt >= every_tasks)
+            if due and backoff.ready(now):
+                ok = self._checkpoint(checkpoint_dir, stream_state())
+                stats.checkpoints += 1
+                if ok:
+                    backoff.reset()
+                    last_ckpt, tasks_at_ckpt = now, stats.tasks
+                else:  # still due; retried once the back-off delay has passed
+                    delay = backoff.fail(now)
+                    log.warning("checkpoint: %d consecutive failures, next attempt in %.0f s",
+                                backoff.failures, delay)
+
         def handle(src, records):
-            for start in range(0, len(records), micro):
-                chunk = records[start:start + micro]
+            start = 0
+            while start < len(records):
+                size = micro
+                owed = every_tasks - (stats.tasks - tasks_at_ckpt) if every_tasks and checkpoint_dir is not None else 0
+                if owed > 0:  # end the micro-batch where a checkpoint falls due (overdue ones: back-off)
+                    size = min(size, owed)
+                chunk = records[start:start + size]
+                start += size
                 plain = [r for r in chunk if not r.oversized]
                 answers = iter(self.handle_records([r.data for r in plain]))
                 for r in chunk:
@@ -1206,6 +1231,7 @@ class Agent:
                         stats.feedback += 1
                     stats.records += 1
                     src.ack(r.position)
+                maybe_checkpoint()
                 if stop.is_set() or (max_tasks is not None and stats.tasks + stats.errors >= max_tasks):
                     return False
             return True
@@ -1233,20 +1259,7 @@ class Agent:
                 elif source.exhausted and (feedback_source is None or feedback_source.exhausted):
                     stats.reason = "exhausted"
                     break
-                if checkpoint_dir is not None:
-                    now = self.clock()
-                    due = now - last_ckpt >= every_s or \
-                        bool(every_tasks and stats.tasks - tasks_at_ckpt >= every_tasks)
-                    if due and backoff.ready(now):
-                        ok = self._checkpoint(checkpoint_dir, stream_state())
-                        stats.checkpoints += 1
-                        if ok:
-                            backoff.reset()
-                            last_ckpt, tasks_at_ckpt = now, stats.tasks
-                        else:  # still due; retried once the back-off delay has passed
-                            delay = backoff.fail(now)
-                            log.warning("checkpoint: %d consecutive failures, next attempt in %.0f s",
-                                        backoff.failures, delay)
+                maybe_checkpoint()  # also when idle: time-based checkpoints and back-off retries
                 wall = time.monotonic()
                 if on_progress is not None and wall - last_progress >= progress_every_s:
                     on_progress(self, stats)
