@@ -1024,7 +1024,8 @@ class Agent:
         files: dict[str, Any] = {
             "meta.pt": self._snapshot(),
             "online.pt": {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                          "replay": [_tt_dict(t) for t in self.replay]},
+                          "replay": [_tt_dict(t) for t in self.replay],
+                          "batch": [_tt_dict(t) for t in self._online_batch]},  # labelled since the last update
             "pending.pt": pending_tensors,
             "pending.json": pending_meta,
             "state.json": {
@@ -1049,7 +1050,7 @@ class Agent:
         """Write a checkpoint under ``directory`` atomically (see :mod:`agent.checkpoint`).
 
         Files: ``meta.pt`` (meta-parameters; ``torch.load(weights_only=True)``), ``online.pt``
-        (Adam state, generator state, replay tasks), ``memory.npz`` (the memory bank, no pickle),
+        (Adam state, generator state, replay tasks, labelled tasks waiting for the next update), ``memory.npz`` (the memory bank, no pickle),
         ``pending.json`` + ``pending.pt`` (tasks awaiting feedback), ``state.json`` (config,
         counters, answered ids, token bucket, policy, difficulty statistics, RNG state, and
         ``stream``: source positions and the sink offset the caller passes), and ``online.state``:
@@ -1120,6 +1121,7 @@ class Agent:
         self.optimizer.load_state_dict(online["optimizer"])
         self.generator.set_state(online["generator"])
         self.replay = [_tt_from(d) for d in online["replay"]]
+        self._online_batch = [_tt_from(d) for d in online.get("batch", [])]
         self._last_good = self._snapshot()
         self.counters.update(state["counters"])
         self.seen = IdRegistry(self.config.limits.seen_ids, state["seen_ids"])
