@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from agent import checkpoint as ckpt
 from agent.agent import Agent
 from agent.config import Config
 from agent.daemon import DEFAULT_METRICS_ADDR, parse_addr
