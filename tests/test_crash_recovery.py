@@ -88,20 +88,44 @@ def cold_start(workdir: Path, config: Path) -> subprocess.Popen:
 class Zygote:
     """Forks daemon processes from one interpreter that already imported the agent."""
 
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=env(), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+    def __init__(self, log: Path):
+        self.log, self.live = log, None
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], env=env(), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, bufsize=0)
+
+    def read(self, expect: str) -> int:
+        """One line, read byte by byte from the pipe: nothing is buffered past it, so ``select``
+        on the pipe tells whether the next line (a child's exit) has come."""
+        line = b""
+        while not line.endswith(b"\n"):
+            byte = os.read(self.proc.stdout.fileno(), 1)
+            if not byte:
+                break
+            line += byte
+        words = line.decode().split()
+        assert len(words) == 2 and words[0] == expect, f"zygote said {words}: {self.log.read_text()[-2000:]}"
+        return int(words[1])
 
     def start(self, workdir: Path, config: Path) -> "Forked":
         log = workdir / "daemon.log"
-        self.proc.stdin.write(json.dumps({"cwd": str(workdir), "log": str(log), "argv": run_args(config)}) + "\n")
-        kind, pid = self.proc.stdout.readline().split()
-        assert kind == "pid", kind
-        return Forked(self, int(pid), log)
+        request = {"cwd": str(workdir), "log": str(log), "argv": run_args(config)}
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self.live = self.read("pid")
+        return Forked(self, self.live, log)
 
     def close(self):
+        if self.live is not None:  # a test failure left a daemon running: stop it, or the zygote waits forever
+            try:
+                os.kill(self.live, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class Forked:
@@ -112,9 +136,8 @@ class Forked:
 
     def poll(self):
         if self.returncode is None and select.select([self.zygote.proc.stdout], [], [], 0)[0]:
-            kind, code = self.zygote.proc.stdout.readline().split()
-            assert kind == "exit", kind
-            self.returncode = int(code)
+            self.returncode = self.zygote.read("exit")
+            self.zygote.live = None
         return self.returncode
 
     def wait(self, timeout: float = 120.0):
@@ -210,7 +233,7 @@ def test_sigkill_at_random_points_then_restart(tmp_path):
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps(CONFIG))
     t0 = time.monotonic()
-    zygote = Zygote()  # imports while the reference run below works
+    zygote = Zygote(tmp_path / "zygote.log")  # imports while the reference run below works
     try:
         ref = tmp_path / "ref"
         ref.mkdir()
