@@ -7,8 +7,9 @@ always far ahead of the agent (the backpressure case: a producer much faster tha
 the agent must read it in bounded chunks. Every ``--every`` tasks it samples the daemon's RSS
 (``/proc/<pid>/status``), the latency p50/p99 of the answers in that window (their
 ``latency_ms``), and from the metrics endpoint the memory-bank size, the pending table and the
-number of exported series (no unbounded labels), and from the newest checkpoint the number of
-answered ids the agent remembers (``limits.seen_ids`` bounds it). Rows are printed as they are
+number of exported series (no unbounded labels) and the mean checkpoint duration, and from the
+newest checkpoint the number of answered ids the agent remembers (``limits.seen_ids`` bounds
+it), the checkpoint's size and its River state's size (any state that grows shows there). Rows are printed as they are
 measured, so a run cut short is still informative. Prints the table and the verdicts:
 RSS flat within 10% after warm-up (the first 20% of tasks), and p99 stable (the last window's
 p99 within 2x the first post-warm-up window's)::
@@ -78,14 +79,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def seen_ids(state_dir: Path) -> int | None:
-    """Answered ids held in the newest checkpoint (None before the first one)."""
+def newest_checkpoint(state_dir: Path) -> dict:
+    """From the newest checkpoint: answered ids held, total size and River state size (MiB)."""
     for ckpt in sorted(state_dir.glob("ckpt-*"), reverse=True):
         try:
-            return len(json.loads((ckpt / "state.json").read_text())["seen_ids"])
+            files = json.loads((ckpt / "manifest.json").read_text())["files"]
+            return {"seen_ids": len(json.loads((ckpt / "state.json").read_text())["seen_ids"]),
+                    "checkpoint_mib": sum(f["size"] for f in files.values()) / 2**20,
+                    "river_mib": files["online.state"]["size"] / 2**20}
         except (OSError, ValueError, KeyError):  # pruned or being written meanwhile: try the previous one
             continue
-    return None
+    return {"seen_ids": None, "checkpoint_mib": None, "river_mib": None}
 
 
 def scrape(port: int) -> dict:
@@ -95,7 +99,8 @@ def scrape(port: int) -> dict:
         return {}
     out = {"series": sum(1 for line in text.splitlines() if line and not line.startswith("#"))}
     for line in text.splitlines():
-        for name in ("metaagent_memory_entries", "metaagent_feedback_pending"):
+        for name in ("metaagent_memory_entries", "metaagent_feedback_pending", "metaagent_checkpoint_duration_seconds_sum",
+                     "metaagent_checkpoint_duration_seconds_count"):
             if line.startswith(name + " "):
                 out[name] = float(line.split()[1])
     return out
@@ -131,9 +136,9 @@ def main(argv=None) -> int:
     rows, window, done, offset, buf = [], [], 0, 0, b""
     started = time.perf_counter()
     print("\n| tasks | elapsed s | tasks/s | daemon cpu/wall | load 1m | RSS MiB | p50 ms | p99 ms | memory bank "
-          "| pending | ids seen | series |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    last_cpu = 0.0
+          "| pending | ids seen | series | checkpoint s | checkpoint MiB | River state MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    last_cpu, last_ck = 0.0, (0.0, 0.0)
     while True:
         alive = proc.poll() is None
         try:
@@ -160,17 +165,24 @@ def main(argv=None) -> int:
                     row = {"tasks": done, "elapsed": elapsed, "rss": rss_kib(proc.pid) / 1024 if alive else float("nan"),
                            "p50": float(np.percentile(window, 50)), "p99": float(np.percentile(window, 99)),
                            "memory": m.get("metaagent_memory_entries"), "pending": m.get("metaagent_feedback_pending"),
-                           "series": m.get("series"), "seen_ids": seen_ids(state_dir), "load1": os.getloadavg()[0]}
+                           "series": m.get("series"), **newest_checkpoint(state_dir), "load1": os.getloadavg()[0]}
                     span = max(elapsed - (rows[-1]["elapsed"] if rows else 0), 1e-9)
                     rate = (done - (rows[-1]["tasks"] if rows else 0)) / span
                     row["tasks_per_s"], row["cpu_per_wall"] = rate, (cpu - last_cpu) / span
                     last_cpu = cpu
+                    ck = (m.get("metaagent_checkpoint_duration_seconds_sum"), m.get("metaagent_checkpoint_duration_seconds_count"))
+                    row["checkpoint_s"] = None  # mean duration of the checkpoints written in this window
+                    if None not in ck and ck[1] > last_ck[1]:
+                        row["checkpoint_s"] = (ck[0] - last_ck[0]) / (ck[1] - last_ck[1])
+                        last_ck = ck
                     rows.append(row)
                     window = []
                     fmt = lambda v, f="{:.0f}": "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f.format(v)  # noqa: E731
                     print(f"| {done} | {elapsed:.0f} | {rate:.0f} | {fmt(row['cpu_per_wall'], '{:.2f}')} | {row['load1']:.1f} "
                           f"| {fmt(row['rss'])} | {row['p50']:.1f} | {row['p99']:.1f} | {fmt(row['memory'])} "
-                          f"| {fmt(row['pending'])} | {fmt(row['seen_ids'])} | {fmt(row['series'])} |", flush=True)
+                          f"| {fmt(row['pending'])} | {fmt(row['seen_ids'])} | {fmt(row['series'])} "
+                          f"| {fmt(row['checkpoint_s'], '{:.2f}')} | {fmt(row['checkpoint_mib'], '{:.1f}')} "
+                          f"| {fmt(row['river_mib'], '{:.1f}')} |", flush=True)
         if not alive:
             break
         time.sleep(0.2)
@@ -183,9 +195,20 @@ def main(argv=None) -> int:
     if len(warm) >= 2:
         lo, hi = min(r["rss"] for r in warm), max(r["rss"] for r in warm)
         verdicts.append(("RSS flat within 10% after warm-up", hi <= 1.10 * lo, f"{lo:.0f}..{hi:.0f} MiB (+{100 * (hi / lo - 1):.1f}%)"))
+        half = warm[len(warm) // 2:]
+        slope = np.polyfit([r["tasks"] for r in half], [r["rss"] for r in half], 1)[0] * 10_000 if len(half) >= 3 else 0.0
+        verdicts.append(("RSS not trending up over the second half of the run (< 1% of RSS per 10k tasks)",
+                         slope < 0.01 * lo, f"{slope:+.1f} MiB per 10k tasks (least squares)"))
         p99_first, p99_last = warm[0]["p99"], warm[-1]["p99"]
         verdicts.append(("p99 stable (last window <= 2x first after warm-up)", p99_last <= 2 * p99_first,
                          f"{p99_first:.1f} -> {p99_last:.1f} ms"))
+        # On a shared machine latency follows the CPU share the daemon got; windows in which it ran
+        # nearly all the time compare like with like.
+        free = [r for r in warm if r.get("cpu_per_wall", 0) >= 0.9]
+        if len(free) >= 2:
+            p99s = [r["p99"] for r in free]
+            verdicts.append(("p99 stable in uncontended windows (daemon cpu/wall >= 0.9; max <= 2x min)",
+                             max(p99s) <= 2 * min(p99s), f"{len(free)} windows, p99 {min(p99s):.1f}..{max(p99s):.1f} ms"))
         for key, name, bound in (("memory", "memory bank", CONFIG["memory"]["capacity"]),
                                  ("pending", "pending feedback", CONFIG["limits"]["pending_max"]),
                                  ("seen_ids", "ids seen", CONFIG["limits"]["seen_ids"])):
