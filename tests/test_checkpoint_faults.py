@@ -59,7 +59,8 @@ DAMAGE = {
     "wrong_format": lambda c: (c / "manifest.json").write_text(
         json.dumps({**json.loads((c / "manifest.json").read_text()), "format": 99})),
     "tampered_state": lambda c: (c / "state.json").write_text(
-        (c / "state.json").read_text().replace('"tasks": 12', '"tasks": 13')),
+        json.dumps((lambda d: (d["counters"].update(tasks=d["counters"]["tasks"] + 1), d)[1])(
+            json.loads((c / "state.json").read_text())))),
 }
 
 
