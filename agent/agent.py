@@ -1050,8 +1050,8 @@ class Agent:
         """Write a checkpoint under ``directory`` atomically (see :mod:`agent.checkpoint`).
 
         Files: ``meta.pt`` (meta-parameters; ``torch.load(weights_only=True)``), ``online.pt``
-        (Adam state, generator state, replay tasks, labelled tasks waiting for the next update), ``memory.npz`` (the memory bank, no pickle),
-        ``pending.json`` + ``pending.pt`` (tasks awaiting feedback), ``state.json`` (config,
+        (Adam state, generator state, replay tasks, labelled tasks waiting for the next update),
+        ``memory.npz`` (the memory bank, no pickle), ``pending.json`` + ``pending.pt`` (tasks awaiting feedback), ``state.json`` (config,
         counters, answered ids, token bucket, policy, difficulty statistics, RNG state, and
         ``stream``: source positions and the sink offset the caller passes), and ``online.state``:
         the River state (failure predictor, selector, drift monitor, experiments) pickled with an
@@ -1168,8 +1168,8 @@ class Agent:
         Checkpoints are due every ``checkpoint_every_s`` seconds of the agent's clock and/or every
         ``checkpoint_every_tasks`` tasks, checked after every micro-batch; with
         ``checkpoint_every_tasks`` a micro-batch is cut where the count is reached, so a checkpoint
-        follows exactly every that many answered tasks (a restart replays fewer). A failed one (full or dead disk) is logged and counted in
-        ``metaagent_checkpoint_failures_total`` and the stream goes on; the next attempt waits a
+        follows exactly every that many answered tasks (a restart replays fewer). A failed one
+        (full or dead disk) is logged and counted in ``metaagent_checkpoint_failures_total`` and the stream goes on; the next attempt waits a
         back-off delay that starts at ``checkpoint_every_s`` (at 1 s when that is infinite, i.e.
         time-based checkpoints are off, or 0), doubles per consecutive failure up to
         :attr:`CHECKPOINT_BACKOFF_MAX_S` and resets on the next success. The final checkpoint is
