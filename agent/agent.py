@@ -1051,8 +1051,9 @@ class Agent:
 
         Files: ``meta.pt`` (meta-parameters; ``torch.load(weights_only=True)``), ``online.pt``
         (Adam state, generator state, replay tasks, labelled tasks waiting for the next update),
-        ``memory.npz`` (the memory bank, no pickle), ``pending.json`` + ``pending.pt`` (tasks awaiting feedback), ``state.json`` (config,
-        counters, answered ids, token bucket, policy, difficulty statistics, RNG state, and
+        ``memory.npz`` (the memory bank, no pickle), ``pending.json`` + ``pending.pt`` (tasks
+        awaiting feedback), ``state.json`` (config, counters, answered ids, token bucket, policy,
+        difficulty statistics, RNG state, and
         ``stream``: source positions and the sink offset the caller passes), and ``online.state``:
         the River state (failure predictor, selector, drift monitor, experiments) pickled with an
         HMAC tag and a version stamp (:mod:`agent.online.persist`; the key is
