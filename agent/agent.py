@@ -1141,7 +1141,8 @@ class Agent:
         files: dict[str, Any] = {
             "meta.pt": self._snapshot(),
             "online.pt": {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                          "replay": [_tt_dict(t) for t in self.replay]},
+                          "replay": [_tt_dict(t) for t in self.replay],
+                          "batch": [_tt_dict(t) for t in self._online_batch]},  # labelled since the last update
             "pending.pt": pending_tensors,
             "pending.json": pending_meta,
             "state.json": {
@@ -1166,9 +1167,10 @@ class Agent:
         """Write a checkpoint under ``directory`` atomically (see :mod:`agent.checkpoint`).
 
         Files: ``meta.pt`` (meta-parameters; ``torch.load(weights_only=True)``), ``online.pt``
-        (Adam state, generator state, replay tasks), ``memory.npz`` (the memory bank, no pickle),
-        ``pending.json`` + ``pending.pt`` (tasks awaiting feedback), ``state.json`` (config,
-        counters, answered ids, token bucket, policy, difficulty statistics, RNG state, and
+        (Adam state, generator state, replay tasks, labelled tasks waiting for the next update),
+        ``memory.npz`` (the memory bank, no pickle), ``pending.json`` + ``pending.pt`` (tasks
+        awaiting feedback), ``state.json`` (config, counters, answered ids, token bucket, policy,
+        difficulty statistics, RNG state, and
         ``stream``: source positions and the sink offset the caller passes), and ``online.state``:
         the River state (failure predictor, selector, drift monitor, experiments) pickled with an
         HMAC tag and a version stamp (:mod:`agent.online.persist`; the key is
@@ -1237,6 +1239,7 @@ class Agent:
         self.optimizer.load_state_dict(online["optimizer"])
         self.generator.set_state(online["generator"])
         self.replay = [_tt_from(d) for d in online["replay"]]
+        self._online_batch = [_tt_from(d) for d in online.get("batch", [])]
         self._last_good = self._snapshot()
         self.counters.update(state["counters"])
         self.seen = IdRegistry(self.config.limits.seen_ids, state["seen_ids"])
@@ -1282,8 +1285,10 @@ class Agent:
         ``checkpoint_dir`` is given.
 
         Checkpoints are due every ``checkpoint_every_s`` seconds of the agent's clock and/or every
-        ``checkpoint_every_tasks`` tasks. A failed one (full or dead disk) is logged and counted in
-        ``metaagent_checkpoint_failures_total`` and the stream goes on; the next attempt waits a
+        ``checkpoint_every_tasks`` tasks, checked after every micro-batch; with
+        ``checkpoint_every_tasks`` a micro-batch is cut where the count is reached, so a checkpoint
+        follows exactly every that many answered tasks (a restart replays fewer). A failed one
+        (full or dead disk) is logged and counted in ``metaagent_checkpoint_failures_total`` and the stream goes on; the next attempt waits a
         back-off delay that starts at ``checkpoint_every_s`` (at 1 s when that is infinite, i.e.
         time-based checkpoints are off, or 0), doubles per consecutive failure up to
         :attr:`CHECKPOINT_BACKOFF_MAX_S` and resets on the next success. The final checkpoint is
@@ -1307,9 +1312,32 @@ class Agent:
                 s["feedback"] = feedback_source.position()
             return s
 
+        def maybe_checkpoint():
+            nonlocal last_ckpt, tasks_at_ckpt
+            if checkpoint_dir is None:
+                return
+            now = self.clock()
+            due = now - last_ckpt >= every_s or bool(every_tasks and stats.tasks - tasks_at_ckpt >= every_tasks)
+            if due and backoff.ready(now):
+                ok = self._checkpoint(checkpoint_dir, stream_state())
+                stats.checkpoints += 1
+                if ok:
+                    backoff.reset()
+                    last_ckpt, tasks_at_ckpt = now, stats.tasks
+                else:  # still due; retried once the back-off delay has passed
+                    delay = backoff.fail(now)
+                    log.warning("checkpoint: %d consecutive failures, next attempt in %.0f s",
+                                backoff.failures, delay)
+
         def handle(src, records):
-            for start in range(0, len(records), micro):
-                chunk = records[start:start + micro]
+            start = 0
+            while start < len(records):
+                size = micro
+                owed = every_tasks - (stats.tasks - tasks_at_ckpt) if every_tasks and checkpoint_dir is not None else 0
+                if owed > 0:  # end the micro-batch where a checkpoint falls due (overdue ones: back-off)
+                    size = min(size, owed)
+                chunk = records[start:start + size]
+                start += size
                 plain = [r for r in chunk if not r.oversized]
                 answers = iter(self.handle_records([r.data for r in plain]))
                 for r in chunk:
@@ -1324,6 +1352,7 @@ class Agent:
                         stats.feedback += 1
                     stats.records += 1
                     src.ack(r.position)
+                maybe_checkpoint()
                 if stop.is_set() or (max_tasks is not None and stats.tasks + stats.errors >= max_tasks):
                     return False
             return True
@@ -1351,20 +1380,7 @@ class Agent:
                 elif source.exhausted and (feedback_source is None or feedback_source.exhausted):
                     stats.reason = "exhausted"
                     break
-                if checkpoint_dir is not None:
-                    now = self.clock()
-                    due = now - last_ckpt >= every_s or \
-                        bool(every_tasks and stats.tasks - tasks_at_ckpt >= every_tasks)
-                    if due and backoff.ready(now):
-                        ok = self._checkpoint(checkpoint_dir, stream_state())
-                        stats.checkpoints += 1
-                        if ok:
-                            backoff.reset()
-                            last_ckpt, tasks_at_ckpt = now, stats.tasks
-                        else:  # still due; retried once the back-off delay has passed
-                            delay = backoff.fail(now)
-                            log.warning("checkpoint: %d consecutive failures, next attempt in %.0f s",
-                                        backoff.failures, delay)
+                maybe_checkpoint()  # also when idle: time-based checkpoints and back-off retries
                 wall = time.monotonic()
                 if on_progress is not None and wall - last_progress >= progress_every_s:
                     on_progress(self, stats)

@@ -10,6 +10,7 @@ The generator (:func:`generate`, :func:`prepare_data_root`) is shared with
 ``tests/test_fuzz_daemon.py``, which runs a 10k-record mix; this script is the longer run::
 
     python bench/fuzz.py --records 100000
+    python bench/fuzz.py --quick        # 2,000 records, a smoke test
 
 It prints the count per error code, the valid tasks answered, the daemon's peak RSS (VmHWM) and
 records/s, and exits 1 when any check fails.
@@ -17,7 +18,6 @@ records/s, and exits 1 when any check fails.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.common import parser, print_header, write_json  # noqa: E402
 
 # Small limits so that "over the limit" cases stay cheap; the daemon's source uses
 # max_record_bytes as its line bound too (longer lines are never held whole).
@@ -483,18 +485,20 @@ def check(records: list[tuple[bytes, Expect]], output: Path) -> tuple[list[str],
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--records", type=int, default=100_000)
-    p.add_argument("--seed", type=int, default=0)
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--records", type=int, default=100_000, help="records (--quick: 2000)")
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     args = p.parse_args(argv)
     import tempfile
+
+    info = print_header("fuzz: hostile records through the daemon", args)
+    n = 2000 if args.quick else args.records
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fuzz-"))
     workdir.mkdir(parents=True, exist_ok=True)
     data_root = prepare_data_root(workdir)
     t0 = time.perf_counter()
-    records = generate(args.records, args.seed, oversized=max(3, args.records // 3000))
+    records = generate(n, args.seed, oversized=max(3, n // 3000))
     write_input(workdir / "fuzz.jsonl", records)
     size = (workdir / "fuzz.jsonl").stat().st_size
     print(f"generated {len(records)} lines ({size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f}s -> {workdir}")
@@ -503,12 +507,18 @@ def main(argv=None) -> int:
     if out.exists():
         out.unlink()
     shutil.rmtree(workdir / "state", ignore_errors=True)
-    rc, stderr, wall, hwm = run_daemon(workdir, config, workdir / "fuzz.jsonl", out, timeout=3600)
+    cpu0 = os.times()
+    rc, stderr, wall, hwm = run_daemon(workdir, config, workdir / "fuzz.jsonl", out, timeout=3600,
+                                       extra=("--set", f"agent.threads={args.threads}"))
+    cpu1 = os.times()
+    daemon_cpu = (cpu1.children_user + cpu1.children_system) - (cpu0.children_user + cpu0.children_system)
     problems, codes, answered = check(records, out)
     n_valid = sum(e.what == "ok" for _, e in records)
     n_records = sum(e.what != "skip" for _, e in records)
     print(f"\nexit code {rc}; {n_records} records in {wall:.1f}s = {n_records / wall:.0f} records/s "
           f"(including ~3 s start-up); peak RSS {hwm / 1024:.0f} MiB" if hwm else f"exit code {rc}; no RSS")
+    print(f"daemon cpu {daemon_cpu:.1f}s = {daemon_cpu / wall:.2f} cpu per wall second; "
+          f"load avg after {[round(x, 2) for x in os.getloadavg()]}")
     print(f"valid tasks answered: {answered} / {n_valid}")
     print("\n| error code | lines |\n|---|---:|")
     for code, n in sorted(codes.items(), key=lambda kv: -kv[1]):
@@ -520,6 +530,10 @@ def main(argv=None) -> int:
     for line in problems[:30]:
         print("PROBLEM:", line)
     print(f"\n{'PASS' if not problems else 'FAIL'}: {len(problems)} problems")
+    write_json(args.out, {"machine": info, "records": n_records, "valid": n_valid, "answered": answered,
+                          "wall_s": wall, "daemon_cpu_s": daemon_cpu, "peak_rss_mib": hwm / 1024 if hwm else None,
+                          "exit_code": rc, "error_codes": dict(codes), "cases": dict(cases),
+                          "problems": problems[:100]})
     return 0 if not problems else 1
 
 

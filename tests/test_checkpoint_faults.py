@@ -59,7 +59,8 @@ DAMAGE = {
     "wrong_format": lambda c: (c / "manifest.json").write_text(
         json.dumps({**json.loads((c / "manifest.json").read_text()), "format": 99})),
     "tampered_state": lambda c: (c / "state.json").write_text(
-        (c / "state.json").read_text().replace('"tasks": 12', '"tasks": 13')),
+        json.dumps((lambda d: (d["counters"].update(tasks=d["counters"]["tasks"] + 1), d)[1])(
+            json.loads((c / "state.json").read_text())))),
 }
 
 
@@ -258,3 +259,50 @@ def test_daemon_with_unwritable_state_dir_exits_zero_and_logs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "checkpoint failed" in proc.stderr
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 10
+
+
+# -- checkpoint cadence -----------------------------------------------------------------------
+class AllAtOnce(OneByOne):
+    """Every record in the first poll: the agent, not the source, must cut the batch."""
+
+    def poll(self, timeout):
+        if self.i >= len(self.lines):
+            self.exhausted = True
+            return []
+        self.i = len(self.lines)
+        return [Record(line, i + 1) for i, line in enumerate(self.lines)]
+
+    acked = 0
+
+    def ack(self, position):
+        self.acked = position
+
+    def position(self):
+        return {"offset": self.acked}
+
+
+def test_every_tasks_holds_per_task_within_one_poll(tmp_path, monkeypatch):
+    """60 records arrive in one poll (more than a micro-batch, with a bad record and feedback in
+    between): a checkpoint follows every 7th answered task exactly, not once per poll, and
+    records the acknowledged position of that moment."""
+    lines = [task_line(i) for i in range(50)]
+    lines.insert(10, b'{"type": "task", "id": "bad"')  # an error: not a task answered
+    lines.insert(20, json.dumps({"type": "feedback", "id": "nobody", "y": [[0.0]]}).encode())
+    saved = []
+    real_save = ckpt.save
+
+    def spy(directory, step, files, **kw):
+        saved.append((kw["meta"]["tasks"], files["state.json"]["stream"]["source"]))
+        return real_save(directory, step, files, **kw)
+
+    monkeypatch.setattr(ckpt, "save", spy)
+    agent = Agent.from_config({**CONFIG, "agent": {**CONFIG["agent"], "micro_batch": 8}})
+    source = AllAtOnce(lines)
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    stats = agent.run(source, sink, checkpoint_dir=tmp_path / "s", checkpoint_every_tasks=7)
+    sink.close()
+    assert stats.tasks == 50 and stats.errors == 1
+    assert [t for t, _ in saved] == [7, 14, 21, 28, 35, 42, 49, 50]  # the last: the final checkpoint
+    tasks_before = [sum(1 for line in lines[:j] if line.startswith(b'{"type": "task", "id": "t-')) for j in range(62)]
+    for tasks, position in saved[:-1]:  # the position acknowledged covers exactly those tasks
+        assert tasks_before[position["offset"]] == tasks

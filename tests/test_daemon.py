@@ -120,3 +120,45 @@ def test_parse_addr():
     assert parse_addr("0") is None and parse_addr("127.0.0.1:9108") == ("127.0.0.1", 9108)
     with pytest.raises(ValueError):
         parse_addr("host:port")
+
+
+def test_backpressure_fast_producer_is_held_back_by_the_pipe(tmp_path):
+    """A producer writing to the daemon's stdin as fast as it can (8 MB of tasks) is held back:
+    the daemon reads a bounded amount ahead of what it answered, so the producer blocks on the
+    full pipe instead of the daemon buffering the stream in memory."""
+    import threading
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(20000):
+        x = rng.uniform(-5, 5, (10, 1))
+        lines.append(json.dumps({"type": "task", "id": f"bp-{i}", "kind": "regression",
+                                 "support": {"x": x[:5].round(4).tolist(), "y": np.sin(x[:5]).round(4).tolist()},
+                                 "query": {"x": x[5:].round(4).tolist()}}).encode() + b"\n")
+    n_answer = 150
+    proc = start(["--input", "-", "--output", "out.jsonl", "--max-tasks", str(n_answer), "--metrics-addr", "0"],
+                 tmp_path, stdin=subprocess.PIPE)
+    written = [0]
+
+    def produce():
+        try:
+            for line in lines:
+                proc.stdin.write(line)
+                written[0] += len(line)
+            proc.stdin.close()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    assert proc.wait(timeout=180) == 0, proc.stderr.read().decode()[-2000:]
+    producer.join(timeout=30)
+    answered = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(answered) == n_answer and all("predictions" in a for a in answered)
+    consumed = sum(len(line) for line in lines[:n_answer])
+    ahead = written[0] - consumed
+    # Read-ahead: the pipe (64 KiB on Linux), the reader's chunk (64 KiB) and the Python buffer.
+    assert ahead <= 512 * 1024, f"the producer got {ahead / 2**20:.1f} MiB ahead of the answers"
+    assert written[0] < sum(len(line) for line in lines) / 4

@@ -9,7 +9,8 @@ refused with :class:`StateError`.
 
 The key comes from the environment variable ``META_AGENT_STATE_KEY`` (at least 16 bytes of UTF-8
 text; a hex string is fine) or, when that is unset, from a key file: created on first use with 32
-random bytes (hex) and mode 0600, and refused when group or others can read it.
+random bytes (hex) and mode 0600, and refused when group or others have any access to it, or
+when another user (root excepted) owns it.
 
 File layout: ``MAGIC`` line, one JSON header line (the version stamp), the 32-byte tag, then the
 pickle (protocol 5). Writes are atomic (temporary file, ``fsync``, ``os.replace``).
@@ -85,7 +86,8 @@ def load_key(key_file: str | os.PathLike | None = None) -> bytes:
     Raises
     ------
     StateError
-        The key is shorter than 16 bytes, or the key file is readable by group or others.
+        The key is shorter than 16 bytes, or the key file is accessible to group or others,
+        is not a regular file, or belongs to another user (root excepted).
     """
     env = os.environ.get(ENV_KEY)
     if env:
@@ -96,17 +98,38 @@ def load_key(key_file: str | os.PathLike | None = None) -> bytes:
     path = Path(key_file) if key_file is not None else _default_key_file()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Written in full to a private temporary file, then linked into place (atomic, fails if the
+        # name exists): a concurrent first start reads a whole key, never an empty file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # created concurrently: read theirs
-            pass
-        else:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32) + "\n")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise StateError(f"key file {path} has mode {mode:o}; it must not be accessible to group or others (chmod 600)")
-    key = path.read_bytes().strip()
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:  # created concurrently: read theirs
+                pass
+            except OSError:  # a file system without hard links: a rename (last writer wins)
+                os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+    # Checks on the file that is then read (no swap in between); O_NONBLOCK: a FIFO cannot hang us.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise StateError(f"key file {path} is not a regular file")
+    with os.fdopen(fd, "rb") as fh:
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise StateError(f"key file {path} has mode {mode:o}; it must not be accessible to group or others "
+                             "(chmod 600)")
+        if hasattr(os, "geteuid") and st.st_uid not in (os.geteuid(), 0):
+            raise StateError(f"key file {path} belongs to user {st.st_uid}, not to this user ({os.geteuid()}) or root")
+        key = fh.read().strip()
     if len(key) < _MIN_KEY:
         raise StateError(f"key file {path} holds fewer than {_MIN_KEY} bytes")
     return key
