@@ -685,8 +685,7 @@ class Agent:
         m.budget_tokens.set(self.bucket.available())
         m.p_fail.observe(p_fail)
 
-        online = {"x": x, "arm": str(plan.arm), "lam": plan.lam, "variants": plan.variants, "compute": spent,
-                  "predicted": bool(p_fail >= 0.5)}
+        online = intel.record(task.id, plan, x, alg.name, budget.steps, res.steps, spent, p_fail)
         entry = _Pending(task, self._arm_index.get(alg.name, arm), feats, predictions, budget.to_dict(), None,
                          self._compact(res.state), self.clock(), online)
         if task.query_y is not None:
