@@ -127,3 +127,27 @@ def test_agent_switch_never_trains_the_post_stage_on_the_first_attempt():
         row = agent.intel.journal[-1]
         assert row["arm"] == f"{out.algorithm}@1" and row["compute"] == out.budget["steps"] == 1
     assert agent.intel.predictor.n_learned == {"pre": 6, "post": 0}
+
+
+def test_input_drift_flags_a_covariate_shift_without_any_label():
+    from agent.config import ConfigError
+
+    config = {"model": {"arch": "mlp", "hidden": [16]}, "agent": {"in_shape": [1], "out_dim": 1},
+              "compute": {"levels": [[1, 1]], "holdout": None}, "memory": {"enabled": False}, "online": {"enabled": False},
+              "drift": {"widen_tasks": 0}}
+    agent = Agent.from_config(config)
+    rng = np.random.default_rng(5)
+    flagged = []
+    for i in range(600):
+        x = rng.uniform(-5, 5, (10, 1))
+        y = np.sin(x) if i < 300 else 20 * x + 5  # a new family from task 300; labels never come
+        out = agent.step(Task(f"t{i}", "regression", x, y, rng.uniform(-5, 5, (5, 1))))
+        if "drift" in out.flags:
+            flagged.append(i)
+    assert flagged and all(300 <= i < 400 for i in flagged), flagged
+    assert agent.intel.drift.n_updates == 0 and agent.intel.drift.n_detections["input"] == len(flagged)
+    assert agent.registry.get_sample_value("metaagent_drift_events_total", {"signal": "input", "detector": "adwin"}) == len(flagged)
+    with pytest.raises(ConfigError, match="drift.input_detector"):
+        Config.from_dict({"drift": {"input_detector": "hddm_a"}})
+    with pytest.raises(ValueError, match="drift.input_feature"):
+        OnlineIntelligence(Config.from_dict({"drift": {"input_feature": "shoe_size"}}))

@@ -50,10 +50,14 @@ from typing import Any, Mapping
 from agent.compute import Budget, BudgetLevels
 from agent.online.drift import DriftEvent, DriftMonitor
 from agent.online.experiments import Experiment
+from agent.online.features import PRE_KEYS
 from agent.online.failure import ACTIONS, DecisionThresholds, FailurePredictor, decide
 from agent.online.selector import Arm, ContextFreeSelector, ContextualSelector, parse_arm, reward
 
 __all__ = ["OnlineIntelligence", "Plan", "arm_specs", "arm_features", "quality_of", "bump", "STATE_VERSION"]
+
+#: features :attr:`DriftConfig.input_feature` may name: the pre-features plus the agent's own two
+INPUT_FEATURES = (*PRE_KEYS, "difficulty", "log_norm_init_loss")
 
 #: version of the pickled :class:`OnlineIntelligence` layout (checked on restore)
 STATE_VERSION = 1
@@ -123,6 +127,7 @@ class Plan:
     overrides: dict[str, Any] = field(default_factory=dict)
     lam: float = 0.0
     features: dict[str, float] = field(default_factory=dict)  # x plus the arm's indicators (the predictor's input)
+    drift: list = field(default_factory=list)  # input-drift events raised by this task's features
 
 
 class OnlineIntelligence:
@@ -146,6 +151,7 @@ class OnlineIntelligence:
 
     journal: list | None = None  # class defaults, so states pickled before these existed load
     algorithms: list | None = None
+    input_feature: str | None = None
 
     def __init__(self, config, seed: int = 0):
         sc, fc, dc = config.selector, config.failure, config.drift
@@ -167,7 +173,11 @@ class OnlineIntelligence:
         default = config.agent.arms[config.agent.default_arm]
         self.safe_arm = parse_arm(fc.safe_arm) if fc.safe_arm else Arm(default.algorithm, 0 if default.budget == "adaptive"
                                                                         else int(config.compute.levels[min(int(default.budget), len(config.compute.levels) - 1)][0]))
-        self.drift = DriftMonitor(dc.quality_detector, dc.failure_detector) if dc.enabled else None
+        self.drift = DriftMonitor(dc.quality_detector, dc.failure_detector, dc.input_detector) if dc.enabled else None
+        self.input_feature = dc.input_feature
+        if dc.enabled and dc.input_detector != "none" and dc.input_feature not in INPUT_FEATURES:
+            raise ValueError(f"drift.input_feature: {dc.input_feature!r} is not a pre-adaptation feature; "
+                             f"known: {', '.join(INPUT_FEATURES)}")
         self.boost = (float(dc.boost_factor), int(dc.boost_tasks))
         self.widen_tasks = int(dc.widen_tasks)
         self.widen_left = 0
@@ -202,8 +212,12 @@ class OnlineIntelligence:
             base = Budget(int(overrides["steps"]))
         feats = self._features(x, algorithm, 0 if base is None else base.steps)
         p_pre = self.predictor.predict_pre(feats)
+        events = []
+        if self.drift is not None and getattr(self, "input_feature", None) in x:
+            events = self.drift.update_input(float(x[self.input_feature]))
+            self._drifted(events)
         return Plan(arm, algorithm, base, p_pre, self.warm, variants, overrides, float(overrides.get("lam", self.lam)),
-                    feats)
+                    feats, events)
 
     def escalate_pre(self, plan: Plan) -> bool:
         """Whether to start one budget level higher: a warm pre-stage ``escalate``, or a recent drift."""
@@ -292,16 +306,21 @@ class OnlineIntelligence:
         events: list[DriftEvent] = []
         if self.drift is not None:
             events = self.drift.update(quality=quality if math.isfinite(quality) else 0.0, failed=failed)
-            if events:
-                if self.selector is not None and self.boost[1] > 0:
-                    self.selector.boost_exploration(*self.boost)
-                self.widen_left = self.widen_tasks
-                self.drift_pending += 1
+            self._drifted(events)
         if self.journal is not None:
             self.journal.append({"id": task_id, "arm": arm, "quality": quality, "failed": bool(failed),
                                  "compute": float(compute), "reward": r, "p_pre": probs[0], "p_post": probs[1],
                                  "drift": [e.signal for e in events]})
         return {"reward": r, "drift": events}
+
+    def _drifted(self, events) -> None:
+        """React to drift events: boost the selector's exploration, widen budgets, flag the next output."""
+        if not events:
+            return
+        if self.selector is not None and self.boost[1] > 0:
+            self.selector.boost_exploration(*self.boost)
+        self.widen_left = self.widen_tasks
+        self.drift_pending += 1
 
     def mean_reward(self, arm: str) -> float:
         """Mean reward of ``arm`` so far (NaN before its first labelled pull)."""
