@@ -13,7 +13,7 @@ def test_online_bench_quick(tmp_path):
         assert heading in stdout
     assert "Goal: pre-adaptation ROC AUC >= 0.75" in stdout and "Goal: close >= 50% of the gap" in stdout
     assert stdout.count("-> PASS") + stdout.count("-> MISS") == 2
-    assert "| selector | family changes" in stdout and "Best arm per family:" in stdout
+    assert "| selector | input" in stdout and "| selector | all signals | family changes" in stdout and "Best arm per family:" in stdout
     seed = data["selector"]["per_seed"][0]
     assert set(seed["arms"]) == set(data["arms"]) and seed["oracle"] >= max(seed["arms"].values())
     assert seed["counterfactual_max_dev"] < 1e-9
