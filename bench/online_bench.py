@@ -1,15 +1,17 @@
 """Online intelligence on the agent's own mixed stream (issue 4): failure predictor, selector, drift.
 
 Every number comes from the real :class:`agent.agent.Agent` answering a hidden-switch synthetic
-stream (:class:`agent.streams.synthetic.SyntheticStream`, OSAKA-style): sine regression whose
-*family* switches (``sinusoid`` 0.4, ``sinusoid-frequency`` 0.2, ``linear`` 0.2, ``quadratic``
-0.2; ``p_stay`` 0.99, so a new task about every 100 records; K=10 support, 10 query, inline
-labels). The agent starts from a sinusoid MAML meta-trained for ``--pretrain-steps`` meta-steps (the
-OSAKA pre-training distribution; ``configs/sinusoid-maml.yaml``) and keeps learning
-online (FTML-style outer steps with replay, as shipped). The pre-training is a fixed number of
-meta-steps (``--pretrain-steps``), not seconds, so a loaded machine gives the same start.
+stream (:class:`agent.streams.synthetic.SyntheticStream`, OSAKA-style): 1-D regression whose
+task switches with probability 0.01 per record (so about every 100 records; a switch draws the
+family ``sinusoid`` 0.5, ``sinusoid-phase`` 0.2 (phases in [pi, 2 pi], unseen in
+pre-training), ``linear`` 0.15 or ``quadratic`` 0.15, and a new task of it, or with probability
+0.5 brings back that family's last task); K=10 support, 10 query, inline labels). The agent
+starts from a sinusoid MAML (``configs/sinusoid-maml.yaml``, the OSAKA pre-training
+distribution) meta-trained for ``--pretrain-steps`` meta-steps (a count, not seconds, so a
+loaded machine gives the same start) and keeps learning online (FTML-style outer steps with
+replay, as shipped).
 
-Arms (``selector.arms``): ``maml@1``, ``maml@10`` (MAML, inner lr 0.01, 1 or 10 steps),
+Arms (``selector.arms``): ``maml@1``, ``maml@5`` (MAML, inner lr 0.01, 1 or 5 steps),
 ``ridge@1`` (closed-form ridge head on the shared features: no inner steps) and ``finetune@10``
 (a zero-initialised linear head fine-tuned for 10 steps at lr 0.1). Reward = quality - lam *
 inner-step calls, quality = 1 / (1 + query MSE / query variance), lam = ``--lam`` (0.005).

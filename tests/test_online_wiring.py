@@ -151,3 +151,13 @@ def test_input_drift_flags_a_covariate_shift_without_any_label():
         Config.from_dict({"drift": {"input_detector": "hddm_a"}})
     with pytest.raises(ValueError, match="drift.input_feature"):
         OnlineIntelligence(Config.from_dict({"drift": {"input_feature": "shoe_size"}}))
+
+
+def test_an_arm_chosen_but_never_credited_is_not_scored_as_untried():
+    # Its answers always went to another arm (switched away): an infinite "untried" score would
+    # make the selector choose it forever.
+    sel = ContextualSelector(["a@1", "b@1"], burn_in=1, epsilon=0.0, seed=0)
+    assert sel.choose({"x": 1.0}) == Arm("a", 1)  # burn-in: a first; its answer is credited to b
+    sel.learn({"x": 1.0}, "b@1", 0.5)
+    sc = sel.scores({"x": 1.0})
+    assert math.isfinite(sc[Arm("a", 1)]) and math.isfinite(sc[Arm("b", 1)])
