@@ -468,7 +468,8 @@ class Agent:
         dc = config.drift
         self.metrics: Metrics = build_metrics(
             self.registry, algorithms=[a.name for a in self.algorithms], arms=[str(a) for a in self.intel.arms],
-            detectors={"quality": dc.quality_detector, "failure": dc.failure_detector} if dc.enabled else {},
+            detectors={"quality": dc.quality_detector, "failure": dc.failure_detector, "input": dc.input_detector}
+            if dc.enabled else {},
             experiments={e.name: list(e.variants) for e in config.experiments})
         self.metrics.state.state("starting")
         self.metrics.memory_capacity.set(mc.capacity if self.memory is not None else 0)
@@ -679,6 +680,8 @@ class Agent:
         embedding = _LazyEmbedding(self, tt)  # computed when memory is searched or written, once
         x = self._pre_features(tt, feats, embedding)
         plan = intel.plan(task.id, x)
+        for e in plan.drift:  # input drift: seen in the features, before any label
+            m.drift_events.labels(signal=e.signal, detector=e.detector).inc()
         arm, base = self._arm_and_base(plan, feats)
         alg = self._algorithm(arm, plan.overrides.get("inner_lr"))
         p_budget = plan.p_pre if plan.warm and fc.enabled and self.config.compute.budget_by == "p_fail" else difficulty
@@ -740,8 +743,7 @@ class Agent:
         m.budget_tokens.set(self.bucket.available())
         m.p_fail.observe(p_fail)
 
-        online = {"x": x, "arm": str(plan.arm), "lam": plan.lam, "variants": plan.variants, "compute": spent,
-                  "predicted": bool(p_fail >= 0.5)}
+        online = intel.record(task.id, plan, x, alg.name, budget.steps, res.steps, spent, p_fail)
         entry = _Pending(task, self._arm_index.get(alg.name, arm), feats, predictions, budget.to_dict(), None,
                          self._compact(res.state), self.clock(), online)
         if task.query_y is not None:

@@ -448,9 +448,15 @@ class DriftConfig:
     enabled: bool = True
     quality_detector: str = option("adwin", choices=_DETECTORS)
     failure_detector: str = option("hddm_a", choices=_DETECTORS)
+    input_detector: str = option("adwin", choices=_DETECTORS, doc="on input_feature, before labels (covariate shift)")
+    input_feature: str = option("log_norm_init_loss", doc="pre-adaptation task feature the input detector watches")
     boost_factor: float = option(3.0, ge=1.0, doc="selector exploration multiplier after a drift")
     boost_tasks: int = option(100, ge=0, doc="choices the exploration boost lasts")
     widen_tasks: int = option(50, ge=0, doc="tasks answered one budget level higher after a drift")
+
+    def _validate(self, path: str) -> None:
+        if self.input_detector in ("hddm_a", "hddm_w", "ddm", "eddm", "fhddm"):
+            raise ConfigError(f"{path}.input_detector", f"must take real values, {self.input_detector!r} is a binary detector")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 
 from agent.agent import Agent
 from agent.config import Config
+from agent.online.selector import Arm
 from agent.online.wiring import OnlineIntelligence
 from agent.task import Task
 
@@ -102,8 +103,9 @@ def test_switch_and_fallback_are_applied_and_counted():
     sw = Agent.from_config(cfg(agent=arms, selector={"arms": ["maml@1", "metasgd@1"], "burn_in": 2},
                                failure={"warmup": 0, "escalate": 0.0, "switch": 0.0, "fallback": 1.0, "abstain": 1.0}))
     outs = _run(sw, 4, np.random.default_rng(3))
-    # burn-in pulls maml, metasgd, maml, metasgd; each is switched to the other algorithm
-    assert [o.algorithm for o in outs] == ["metasgd", "maml", "metasgd", "maml"]
+    # burn-in plans maml twice; each is switched to metasgd and credited to it (the answering arm)
+    assert [o.algorithm for o in outs[:2]] == ["metasgd", "metasgd"]
+    assert sw.intel.selector.counts == {a: sum(o.algorithm == a.algorithm for o in outs) for a in (Arm("maml", 1), Arm("metasgd", 1))}
     assert all("switched" in o.flags for o in outs)
     assert sw.registry.get_sample_value("metaagent_decisions_total", {"action": "switch"}) == 4
     fb = Agent.from_config(cfg(agent=arms, selector={"arms": ["maml@1"]},

@@ -29,7 +29,7 @@ def test_no_alarm_on_stationary_streams():
     rng = random.Random(1)
     for q in _quality(1, 3000):
         assert mon.update(quality=q, failed=rng.random() < 0.1) == []
-    assert mon.n_detections == {"quality": 0, "failure": 0}
+    assert mon.n_detections == {"quality": 0, "failure": 0, "input": 0}
 
 
 def test_failure_rate_shift_detected_by_hddm_a():
@@ -76,3 +76,21 @@ def test_detector_registry_and_gauges():
     mon.update(quality=0.5, failed=False)
     mon.update(quality=float("nan"))  # ignored, not fed to ADWIN
     assert mon.n_updates == 2 and mon.gauges()["quality_width"] == 1.0
+
+
+def test_input_signal_detects_a_covariate_shift_before_any_label():
+    mon = DriftMonitor(input_detector="adwin")
+    rng = random.Random(3)
+    events = []
+    for t in range(2000):
+        events += mon.update_input(rng.gauss(0.0 if t < 1000 else 1.0, 0.5))
+        if t == 1500:
+            mon.update_input(float("nan"))  # skipped, not fed to ADWIN
+    assert [e.signal for e in events] == ["input"] * len(events) and len(events) >= 1
+    assert all(1000 <= e.index < 1100 for e in events) and mon.n_detections["input"] == len(events)
+    assert mon.n_updates == 0 and mon.n_input_updates == 2001  # outcome updates untouched
+    quiet = DriftMonitor(input_detector="adwin")
+    assert all(quiet.update_input(rng.gauss(0.0, 0.5)) == [] for _ in range(3000))
+    with pytest.raises(ValueError, match="binary"):
+        DriftMonitor(input_detector="hddm_a")
+    assert DriftMonitor().update_input(5.0) == []  # default: no input detector ("none")

@@ -102,3 +102,30 @@ def test_import_is_silent():
                           "agent.online.drift, agent.online.experiments, agent.online.persist"],
                          capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     assert out.stdout == "" and out.stderr == ""
+
+
+def test_init_loo_nmse_equals_explicit_leave_one_out_refits():
+    # The hat-matrix shortcut must equal n explicit ridge refits, each without one support point.
+    from agent.online.features import _embedding
+
+    alg = build("maml", MetaModel(MLPFeatures(1, (8,)), 8, 1), inner_lr=0.01)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(12, 1, generator=g) * 6 - 3
+    y = torch.sin(x) + 0.1 * torch.randn(12, 1, generator=g)
+    f = pre_features(alg, meta, TaskTensors(x, y, x, None, "regression"))
+    with torch.no_grad():
+        a = torch.cat([_embedding(alg, meta, x), torch.ones(12, 1, dtype=torch.float64)], 1)
+    yd = y.double()
+    lam = 1e-2 * float((a @ a.T).diagonal().mean()) + 1e-9
+    errs = []
+    for i in range(12):
+        keep = torch.arange(12) != i
+        ak, yk = a[keep], yd[keep]
+        alpha = torch.linalg.solve(ak @ ak.T + lam * torch.eye(11, dtype=torch.float64), yk)  # kernel (dual) ridge
+        errs.append(float((a[i] @ (ak.T @ alpha) - yd[i]) ** 2))
+    expected = np.mean(errs) / float(yd.var(unbiased=False))
+    assert f["init_loo_nmse"] == pytest.approx(expected, rel=1e-6)
+    assert f["init_loo_score"] == pytest.approx(1 / (1 + expected), rel=1e-6)
+    cls = pre_features(*_alg(), _cls_task(6.0))
+    assert cls["init_loo_score"] == pytest.approx(1.0) and cls["init_loo_nmse"] == 0.0

@@ -1,11 +1,18 @@
 """Drift detection on the agent's outcome streams.
 
-:class:`DriftMonitor` feeds two River detectors, one per signal:
+:class:`DriftMonitor` feeds River detectors, one per signal:
 
 * ``quality``: the per-task quality (query accuracy, or negative MSE), by default
   ``drift.ADWIN()``: no false alarms on stationary streams in the planning measurements, about
   70-90 tasks of delay on a 0.15 drop;
-* ``failure``: the 0/1 failure indicator, by default ``drift.binary.HDDMA()``.
+* ``failure``: the 0/1 failure indicator, by default ``drift.binary.HDDMA()``;
+* ``input``: one task feature, known *before* any label (:meth:`DriftMonitor.update_input`; the
+  agent feeds the log normalised initial support loss at the meta-initialisation), by default
+  ``drift.ADWIN()``: a covariate shift (a new task family) shows there at once, while the outcome
+  signals need labels and move only when the answers get worse, which a shift to a family the
+  agent handles as well does not do. On the agent's mixed sine/linear/quadratic stream this
+  signal found about half of the family changes at a median delay of ~30 tasks, the quality
+  signal about a sixth (``bench/online_bench.py``).
 
 Detectors are picked by name (:data:`DETECTORS`) with keyword overrides. Two River traps are
 handled here: ``ADWIN.n_detections`` is wiped by its self-reset after a detection, so the monitor
@@ -33,6 +40,7 @@ True
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -88,23 +96,27 @@ class DriftMonitor:
 
     Parameters
     ----------
-    quality_detector, failure_detector
-        Detector names from :data:`DETECTORS` (``"none"`` disables a signal).
-    quality_params, failure_params
+    quality_detector, failure_detector, input_detector
+        Detector names from :data:`DETECTORS` (``"none"`` disables a signal); the input detector
+        must take real values (not a binary one).
+    quality_params, failure_params, input_params
         Keyword arguments for the detectors.
 
     Attributes
     ----------
-    n_updates
-        Updates so far (the index of the next one).
+    n_updates, n_input_updates
+        Outcome and input updates so far (the index of the next one of each).
     n_detections
         Detections per signal, counted here (River's ADWIN resets its own counter).
     events
         The most recent events (bounded by ``max_events``).
     """
 
-    def __init__(self, quality_detector: str = "adwin", failure_detector: str = "hddm_a", *,
-                 quality_params: dict | None = None, failure_params: dict | None = None, max_events: int = 1000):
+    def __init__(self, quality_detector: str = "adwin", failure_detector: str = "hddm_a", input_detector: str = "none", *,
+                 quality_params: dict | None = None, failure_params: dict | None = None, input_params: dict | None = None,
+                 max_events: int = 1000):
+        if DETECTORS.get(input_detector, (None, False))[1]:
+            raise ValueError(f"input_detector must take real values, {input_detector!r} is binary")
         self.quality_name = quality_detector
         self.failure_name = failure_detector
         self.quality_params = dict(quality_params or {})
@@ -112,14 +124,18 @@ class DriftMonitor:
         self.quality = make_detector(quality_detector, **self.quality_params)
         self.failure = make_detector(failure_detector, **self.failure_params)
         self._feed_success = DETECTORS[failure_detector][2]
+        self.input_name = input_detector
+        self.input = make_detector(input_detector, **dict(input_params or {}))
         self.n_updates = 0
-        self.n_detections = {"quality": 0, "failure": 0}
+        self.n_input_updates = 0
+        self.n_detections = {"quality": 0, "failure": 0, "input": 0}
         self.n_warnings = {"quality": 0, "failure": 0}
         self.max_events = int(max_events)
         self.events: list[DriftEvent] = []
 
     def __repr__(self) -> str:
         return (f"DriftMonitor(quality={self.quality_name!r}, failure={self.failure_name!r}, "
+                f"input={getattr(self, 'input_name', 'none')!r}, "
                 f"n_updates={self.n_updates}, n_detections={self.n_detections})")
 
     def update(self, quality: float | None = None, failed: bool | None = None) -> list[DriftEvent]:
@@ -138,8 +154,24 @@ class DriftMonitor:
                 self.n_warnings["failure"] += 1
             if self.failure.drift_detected:
                 out.append(DriftEvent("failure", self.failure_name, idx))
+        return self._record(out)
+
+    def update_input(self, value: float) -> list[DriftEvent]:
+        """Feed one task's input feature (before its label; non-finite values are skipped). Returns new events."""
+        if getattr(self, "input", None) is None:  # a monitor pickled before the input signal existed
+            return []
+        idx = self.n_input_updates
+        self.n_input_updates += 1
+        out: list[DriftEvent] = []
+        if value is not None and math.isfinite(value):
+            self.input.update(float(value))
+            if self.input.drift_detected:
+                out.append(DriftEvent("input", self.input_name, idx))
+        return self._record(out)
+
+    def _record(self, out: list[DriftEvent]) -> list[DriftEvent]:
         for e in out:
-            self.n_detections[e.signal] += 1
+            self.n_detections[e.signal] = self.n_detections.get(e.signal, 0) + 1
         if out:
             self.events.extend(out)
             del self.events[:-self.max_events]
@@ -148,7 +180,7 @@ class DriftMonitor:
     def gauges(self) -> dict[str, float]:
         """Current detector statistics worth exporting (ADWIN's width and estimate when present)."""
         g: dict[str, float] = {}
-        for sig, det in (("quality", self.quality), ("failure", self.failure)):
+        for sig, det in (("quality", self.quality), ("failure", self.failure), ("input", getattr(self, "input", None))):
             for attr in ("width", "estimation"):
                 v = getattr(det, attr, None)
                 if isinstance(v, (int, float)):

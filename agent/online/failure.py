@@ -295,6 +295,22 @@ class FailurePredictor:
         entry.extra.update(extra)
         return entry.p_pre, entry.p_post
 
+    def revise(self, task_id: str, x_pre: Mapping[str, float]) -> bool:
+        """Replace a pending task's pre-stage features (and prediction) and drop its post stage.
+
+        For an answer that did not come from what the features described (the agent switched
+        algorithm after the probe): the label will be about ``x_pre``, and the probe features
+        describe an attempt whose outcome is never known. The new ``p_pre`` is predicted now,
+        before the label, so the quality metrics stay progressive. Returns ``False`` when the
+        id is not pending.
+        """
+        entry = self.pending.get(task_id)
+        if entry is None:
+            return False
+        entry.x_pre, entry.p_pre = dict(x_pre), self.predict_pre(x_pre)
+        entry.x_post = entry.p_post = None
+        return True
+
     def learn(self, task_id: str, *, quality: float | None = None, diverged: bool = False,
               failed: bool | None = None) -> bool | None:
         """Join the outcome of ``task_id`` with its pending features and learn.

@@ -3,7 +3,10 @@
 :func:`pre_features` is computed before adaptation, from the support set only: task shape
 (ways, shots, input dimension, support size), class balance (normalised label entropy), input
 spread, the geometry of the support set in the meta model's embedding space (prototype margin,
-Fisher ratio, spread; via :func:`agent.nn.model.embed` on the meta parameters), the nearest
+Fisher ratio, spread; via :func:`agent.nn.model.embed` on the meta parameters), a leave-one-out
+score of the support set in that embedding (``init_loo_score``: nearest-prototype accuracy, or
+``1 / (1 + init_loo_nmse)`` with the closed-form ridge LOO error over the target variance; a
+direct estimate of how well a head fitted on these features generalises), the nearest
 episodic-memory entries and their outcomes, and the support loss and gradient norm at the
 initialisation. :func:`probe_features` is computed after a short probe (1-2 inner steps): loss
 drop, and a leave-one-out score of the support set (nearest-prototype accuracy for
@@ -55,7 +58,8 @@ _CLIP = 1e6
 
 PRE_KEYS = ("is_classification", "ways", "shots", "log_shots", "dims", "support_size", "class_balance",
             "input_spread", "emb_spread", "emb_norm", "proto_margin", "fisher_ratio", "log_fisher_ratio",
-            "target_std", "ridge_r2", "init_loss", "log_init_loss", "init_grad_norm", "log_init_grad_norm",
+            "target_std", "ridge_r2", "init_loo_score", "init_loo_nmse",
+            "init_loss", "log_init_loss", "init_grad_norm", "log_init_grad_norm",
             "mem_size", "mem_sim_max", "mem_sim_mean", "mem_known", "mem_quality_mean", "mem_fail_rate",
             "mem_missing", "nonfinite")
 PROBE_KEYS = ("probe_steps", "probe_loss", "loss_drop", "loss_drop_ratio", "loo_score", "loo_nmse",
@@ -231,12 +235,16 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
         out["class_balance"] = float(-(p * p.log()).sum() / math.log(ways)) if ways > 1 else 1.0
         geo = _class_geometry(f, y, ways)
         out.update({k_: geo[k_] for k_ in ("proto_margin", "fisher_ratio", "log_fisher_ratio")})
+        out["init_loo_score"] = geo["loo_acc"]
     else:
         out["ways"] = 0.0
         out["shots"] = float(n)
         out["class_balance"] = 1.0
         out["target_std"] = float(y.double().std(unbiased=False)) if n > 1 else 0.0
-        out["ridge_r2"] = _ridge(f, y)["ridge_r2"] if n > 1 else 0.0
+        if n > 1:
+            r = _ridge(f, y)
+            out["ridge_r2"], out["init_loo_nmse"] = r["ridge_r2"], min(r["loo_nmse"], 1e3)
+            out["init_loo_score"] = 1.0 / (1.0 + r["loo_nmse"]) if math.isfinite(r["loo_nmse"]) else 0.0
     out["log_shots"] = math.log1p(out["shots"])
     if loss_and_grad:
         loss, gnorm = _init_loss_and_grad(algorithm, meta, task)

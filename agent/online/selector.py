@@ -11,7 +11,9 @@ the arm with the best prediction plus exploration:
   ``argmax pred + bonus / sqrt(n_arm)`` (a count bonus that favours rarely tried arms);
 * ``"ucb"``: ``argmax pred + bonus * sqrt(log N / n_arm)`` over the per-arm predictions.
 
-Until every arm has ``burn_in`` pulls the selector goes round-robin (cold start).
+Until every arm has been chosen ``burn_in`` times the selector goes round-robin (cold start);
+the round-robin counts choices (or labelled pulls, if more), so delayed labels (or an answer credited to
+another arm after a switch) do not make it pick the same lagging arm again and again.
 :meth:`ContextualSelector.boost_exploration` multiplies ``epsilon`` and ``bonus`` for a number of
 choices (what a drift detection calls). Randomness comes only from a seeded
 :class:`random.Random` held by the selector (and pickled with it).
@@ -113,6 +115,21 @@ class _Boost:
     def _init_boost(self):
         self._boost_factor = 1.0
         self._boost_left = 0
+        self.chosen = {a: 0 for a in self.arms}
+
+    def _burn_in_arm(self) -> "Arm | None":
+        """The next round-robin arm while some arm was chosen fewer than ``burn_in`` times."""
+        chosen = getattr(self, "chosen", None) or self.counts  # states pickled before ``chosen`` existed
+        turns = {a: max(chosen[a], self.counts[a]) for a in self.arms}  # learned without a choice counts too
+        lagging = min(turns.values())
+        if lagging >= self.burn_in:
+            return None
+        return next(a for a in self.arms if turns[a] == lagging)
+
+    def _note_choice(self, arm: "Arm") -> "Arm":
+        if getattr(self, "chosen", None) is not None:
+            self.chosen[arm] += 1
+        return arm
 
     def boost_exploration(self, factor: float, duration: int) -> None:
         """Multiply exploration by ``factor`` for the next ``duration`` choices (e.g. after drift)."""
@@ -195,8 +212,9 @@ class ContextualSelector(_Boost):
         c = self.bonus * factor
         total = max(1, sum(self.counts.values()))
         out = {}
+        chosen = getattr(self, "chosen", None) or self.counts
         for a, p in preds.items():
-            n = self.counts[a]
+            n = max(self.counts[a], chosen[a])  # chosen but never credited (switched away) still counts
             if n == 0:
                 out[a] = math.inf
             elif self.exploration == "ucb":
@@ -209,14 +227,15 @@ class ContextualSelector(_Boost):
         """The arm for a task with ``features`` (round-robin during burn-in)."""
         factor = self._tick_boost() if explore else 1.0
         if explore:
-            lagging = min(self.counts.values())
-            if lagging < self.burn_in:
-                return next(a for a in self.arms if self.counts[a] == lagging)
+            arm = self._burn_in_arm()
+            if arm is not None:
+                return self._note_choice(arm)
             if self.exploration == "egreedy" and self._rng.random() < min(1.0, self.epsilon * factor):
-                return self._rng.choice(self.arms)
+                return self._note_choice(self._rng.choice(self.arms))
         sc = self.scores(features, factor) if explore else self.predict(features)
         best = max(sc.values())
-        return next(a for a in self.arms if sc[a] == best)
+        arm = next(a for a in self.arms if sc[a] == best)
+        return self._note_choice(arm) if explore else arm
 
     def learn(self, features: Mapping[str, float], arm, reward: float) -> None:
         """Update ``arm``'s model with the observed reward (call when the labels arrive)."""
@@ -309,12 +328,14 @@ class ContextFreeSelector(_Boost):
     def choose(self, features: Mapping[str, float] | None = None, *, explore: bool = True) -> Arm:
         """The next arm (``features`` are ignored: the policy is context-free)."""
         factor = self._tick_boost() if explore else 1.0
-        lagging = min(self.counts.values())
-        if explore and lagging < self.burn_in:
-            return next(a for a in self.arms if self.counts[a] == lagging)
-        if explore and factor > 1.0 and self._rng.random() < min(1.0, 0.1 * (factor - 1.0)):
-            return self._rng.choice(self.arms)
-        return self._ids[self.policy.pull([str(a) for a in self.arms])]
+        if not explore:
+            return self._ids[self.policy.pull([str(a) for a in self.arms])]
+        arm = self._burn_in_arm()
+        if arm is not None:
+            return self._note_choice(arm)
+        if factor > 1.0 and self._rng.random() < min(1.0, 0.1 * (factor - 1.0)):
+            return self._note_choice(self._rng.choice(self.arms))
+        return self._note_choice(self._ids[self.policy.pull([str(a) for a in self.arms])])
 
     def _unit(self, r: float) -> float:
         lo, hi = self.reward_range

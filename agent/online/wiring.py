@@ -18,6 +18,16 @@ Conventions
   perfect fit, 0.5 is "as good as predicting the mean"). A diverged task has quality NaN, which
   :func:`~agent.online.selector.reward` maps to -1.
 * Reward = quality - lam * inner-step calls spent (all members, backtracks, re-answers).
+* Credit goes to what answered (:meth:`OnlineIntelligence.record`). A post-probe ``switch`` or
+  ``fallback`` (or an ``escalate`` of a fixed-budget arm, or an experiment's override) answers
+  with another (algorithm, budget) than the plan's arm: the selector then learns that arm's
+  reward with the compute of the answering attempt only (nothing when it is not one of the
+  arms), and the failure predictor learns the label with the *answering* arm's indicator
+  features in the pre stage and not at all in the post stage (its probe features describe the
+  first attempt, whose outcome is never scored).
+* The failure predictor sees the arm: the task features plus ``alg=<name>`` (one-hot over
+  ``agent.arms``) and ``arm_log_steps`` (``log1p`` of the arm's base steps, 0 for adaptive), so
+  ``P(failure)`` is the probability that *this* arm fails on the task (:func:`arm_features`).
 
 Examples
 --------
@@ -40,10 +50,14 @@ from typing import Any, Mapping
 from agent.compute import Budget, BudgetLevels
 from agent.online.drift import DriftEvent, DriftMonitor
 from agent.online.experiments import Experiment
+from agent.online.features import PRE_KEYS
 from agent.online.failure import ACTIONS, DecisionThresholds, FailurePredictor, decide
 from agent.online.selector import Arm, ContextFreeSelector, ContextualSelector, parse_arm, reward
 
-__all__ = ["OnlineIntelligence", "Plan", "arm_specs", "quality_of", "bump", "STATE_VERSION"]
+__all__ = ["OnlineIntelligence", "Plan", "arm_specs", "arm_features", "quality_of", "bump", "STATE_VERSION"]
+
+#: features :attr:`DriftConfig.input_feature` may name: the pre-features plus the agent's own two
+INPUT_FEATURES = (*PRE_KEYS, "difficulty", "log_norm_init_loss")
 
 #: version of the pickled :class:`OnlineIntelligence` layout (checked on restore)
 STATE_VERSION = 1
@@ -59,6 +73,21 @@ def arm_specs(config) -> list[Arm]:
         arm = Arm(a.algorithm, int(steps))
         if arm not in out:
             out.append(arm)
+    return out
+
+
+def arm_features(x: Mapping[str, float], algorithm: str, steps: int, algorithms) -> dict[str, float]:
+    """``x`` plus the arm's indicators: ``alg=<name>`` one-hot over ``algorithms``, ``arm_log_steps``.
+
+    Examples
+    --------
+    >>> arm_features({"shots": 5.0}, "anil", 9, ["maml", "anil"])
+    {'shots': 5.0, 'alg=maml': 0.0, 'alg=anil': 1.0, 'arm_log_steps': 2.302585092994046}
+    """
+    out = dict(x)
+    for a in algorithms:
+        out[f"alg={a}"] = 1.0 if a == algorithm else 0.0
+    out["arm_log_steps"] = math.log1p(max(0, int(steps)))
     return out
 
 
@@ -97,6 +126,8 @@ class Plan:
     variants: dict[str, str] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     lam: float = 0.0
+    features: dict[str, float] = field(default_factory=dict)  # x plus the arm's indicators (the predictor's input)
+    drift: list = field(default_factory=list)  # input-drift events raised by this task's features
 
 
 class OnlineIntelligence:
@@ -109,7 +140,18 @@ class OnlineIntelligence:
         ``experiments``).
     seed
         Seed of the selector's rng.
+
+    Attributes
+    ----------
+    journal
+        ``None``, or a list to which :meth:`learn` appends one dict per labelled task (task id,
+        credited arm, quality, failed, compute, reward, the predictor's ``p_pre``/``p_post``
+        made before the label, drift events): for benchmarks and audits.
     """
+
+    journal: list | None = None  # class defaults, so states pickled before these existed load
+    algorithms: list | None = None
+    input_feature: str | None = None
 
     def __init__(self, config, seed: int = 0):
         sc, fc, dc = config.selector, config.failure, config.drift
@@ -131,10 +173,15 @@ class OnlineIntelligence:
         default = config.agent.arms[config.agent.default_arm]
         self.safe_arm = parse_arm(fc.safe_arm) if fc.safe_arm else Arm(default.algorithm, 0 if default.budget == "adaptive"
                                                                         else int(config.compute.levels[min(int(default.budget), len(config.compute.levels) - 1)][0]))
-        self.drift = DriftMonitor(dc.quality_detector, dc.failure_detector) if dc.enabled else None
+        self.drift = DriftMonitor(dc.quality_detector, dc.failure_detector, dc.input_detector) if dc.enabled else None
+        self.input_feature = dc.input_feature
+        if dc.enabled and dc.input_detector != "none" and dc.input_feature not in INPUT_FEATURES:
+            raise ValueError(f"drift.input_feature: {dc.input_feature!r} is not a pre-adaptation feature; "
+                             f"known: {', '.join(INPUT_FEATURES)}")
         self.boost = (float(dc.boost_factor), int(dc.boost_tasks))
         self.widen_tasks = int(dc.widen_tasks)
         self.widen_left = 0
+        self.algorithms = list(dict.fromkeys(a.algorithm for a in config.agent.arms))
         self.experiments = {e.name: Experiment(e.name, e.variants, e.split or None, e.metric, e.alpha,
                                                min_samples=e.min_samples) for e in config.experiments}
         self.actions: Counter = Counter()
@@ -148,9 +195,11 @@ class OnlineIntelligence:
         """Whether the predictor has learned from ``warmup`` labelled tasks (its p_fail is used)."""
         return self.predictor.n_learned["pre"] >= self.warmup
 
+    def _features(self, x: Mapping[str, float], algorithm: str, steps: int) -> dict[str, float]:
+        return arm_features(x, algorithm, steps, self.algorithms or list(dict.fromkeys(a.algorithm for a in self.arms)))
+
     def plan(self, task_id: str, x: Mapping[str, float]) -> Plan:
-        """Arm, experiment variants and pre-stage P(failure) for a task with pre-features ``x``."""
-        p_pre = self.predictor.predict_pre(x)
+        """Arm, experiment variants and pre-stage P(failure) of that arm for a task with pre-features ``x``."""
         arm = self.selector.choose(x) if self.selector is not None else self.arms[0]
         variants, overrides = {}, {}
         for name, exp in self.experiments.items():
@@ -161,7 +210,14 @@ class OnlineIntelligence:
         base = None if arm.budget == 0 else Budget(int(arm.budget))
         if "steps" in overrides:
             base = Budget(int(overrides["steps"]))
-        return Plan(arm, algorithm, base, p_pre, self.warm, variants, overrides, float(overrides.get("lam", self.lam)))
+        feats = self._features(x, algorithm, 0 if base is None else base.steps)
+        p_pre = self.predictor.predict_pre(feats)
+        events = []
+        if self.drift is not None and getattr(self, "input_feature", None) in x:
+            events = self.drift.update_input(float(x[self.input_feature]))
+            self._drifted(events)
+        return Plan(arm, algorithm, base, p_pre, self.warm, variants, overrides, float(overrides.get("lam", self.lam)),
+                    feats, events)
 
     def escalate_pre(self, plan: Plan) -> bool:
         """Whether to start one budget level higher: a warm pre-stage ``escalate``, or a recent drift."""
@@ -173,7 +229,7 @@ class OnlineIntelligence:
     # -- after the probe ----------------------------------------------------------------------
     def post(self, task_id: str, x_pre: Mapping[str, float], x_probe: Mapping[str, float], plan: Plan) -> tuple[float, str]:
         """Post-stage P(failure) (remembered for the delayed label) and the action it calls for."""
-        _, p_post = self.predictor.observe(task_id, x_pre, x_probe)
+        _, p_post = self.predictor.observe(task_id, plan.features or x_pre, x_probe)
         action = decide(p_post, thresholds=self.thresholds) if plan.warm else "none"
         return float(p_post), action
 
@@ -190,10 +246,50 @@ class OnlineIntelligence:
     def count(self, action: str) -> None:
         self.actions[action] += 1
 
+    def credit(self, plan: Plan, algorithm: str, steps: int) -> Arm | None:
+        """The arm credited with an answer by ``algorithm`` with ``steps`` base steps (module notes).
+
+        The plan's arm when that arm answered (its own budget, or any budget of an adaptive
+        ``@0`` arm); else ``algorithm@steps`` or ``algorithm@0`` when one of the arms; else ``None``.
+        """
+        a = plan.arm
+        if algorithm == a.algorithm and (a.budget == 0 or int(steps) == a.budget) and "algorithm" not in plan.overrides \
+                and "steps" not in plan.overrides:
+            return a
+        for cand in (Arm(algorithm, int(steps)), Arm(algorithm, 0)):
+            if cand in self.arms:
+                return cand
+        return None
+
+    def record(self, task_id: str, plan: Plan, x: Mapping[str, float], algorithm: str, steps: int,
+               answer_compute: float, total_compute: float, p_fail: float) -> dict[str, Any]:
+        """What :meth:`learn` needs when the labels arrive (JSON-able), after the task was answered.
+
+        ``algorithm``/``steps``: what answered (base steps of its budget); ``answer_compute``: the
+        inner-step calls of the answering attempt; ``total_compute``: of every attempt. Credits
+        the answer (:meth:`credit`); when another arm than planned answered, the failure
+        predictor's pending entry is revised to the answering arm's features and its post-stage
+        features are dropped (see the module notes).
+        """
+        arm = self.credit(plan, algorithm, steps)
+        plain = arm == plan.arm and "algorithm" not in plan.overrides and "steps" not in plan.overrides
+        feats = self._features(x, algorithm, plan.arm.budget if plain else (arm.budget if arm is not None else int(steps)))
+        if feats != plan.features:
+            self.predictor.revise(task_id, feats)
+        return {"x": dict(x), "arm": None if arm is None else str(arm), "lam": plan.lam, "variants": dict(plan.variants),
+                "compute": float(total_compute if plain else answer_compute), "total_compute": float(total_compute),
+                "planned": str(plan.arm), "predicted": bool(p_fail >= 0.5)}
+
     # -- when labels arrive -------------------------------------------------------------------
     def learn(self, task_id: str, x: Mapping[str, float] | None, arm: str | None, quality: float, failed: bool,
               compute: float, lam: float, variants: Mapping[str, str]) -> dict[str, Any]:
-        """Feed an outcome to every piece; returns ``{"reward", "drift": [DriftEvent]}``."""
+        """Feed an outcome to every piece; returns ``{"reward", "drift": [DriftEvent]}``.
+
+        ``arm`` is the credited arm (:meth:`record`; ``None``: the selector learns nothing) and
+        ``compute`` the compute charged to it.
+        """
+        pending = self.predictor.pending.get(task_id)
+        probs = (pending.p_pre, pending.p_post) if pending is not None else (None, None)
         self.predictor.learn(task_id, failed=failed)
         r = reward(quality, compute, lam)
         if self.selector is not None and arm is not None and x is not None:
@@ -210,12 +306,21 @@ class OnlineIntelligence:
         events: list[DriftEvent] = []
         if self.drift is not None:
             events = self.drift.update(quality=quality if math.isfinite(quality) else 0.0, failed=failed)
-            if events:
-                if self.selector is not None and self.boost[1] > 0:
-                    self.selector.boost_exploration(*self.boost)
-                self.widen_left = self.widen_tasks
-                self.drift_pending += 1
+            self._drifted(events)
+        if self.journal is not None:
+            self.journal.append({"id": task_id, "arm": arm, "quality": quality, "failed": bool(failed),
+                                 "compute": float(compute), "reward": r, "p_pre": probs[0], "p_post": probs[1],
+                                 "drift": [e.signal for e in events]})
         return {"reward": r, "drift": events}
+
+    def _drifted(self, events) -> None:
+        """React to drift events: boost the selector's exploration, widen budgets, flag the next output."""
+        if not events:
+            return
+        if self.selector is not None and self.boost[1] > 0:
+            self.selector.boost_exploration(*self.boost)
+        self.widen_left = self.widen_tasks
+        self.drift_pending += 1
 
     def mean_reward(self, arm: str) -> float:
         """Mean reward of ``arm`` so far (NaN before its first labelled pull)."""
