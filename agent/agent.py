@@ -243,6 +243,39 @@ class _Adapted:
     flags: list
 
 
+@dataclass
+class _Job:
+    """One task planned for adaptation (see :meth:`Agent._plan_task`)."""
+
+    task: Task
+    tt: TaskTensors
+    feats: dict
+    embedding: "_LazyEmbedding"
+    x: dict
+    plan: Plan
+    arm: int
+    alg: Algorithm
+    p_budget: float
+    budget: Budget
+    flags: list
+
+
+def _outcome_or_raise(r: "Outcome | BaseException") -> list[dict]:
+    if isinstance(r, BaseException):
+        raise r
+    return [r.to_dict()]
+
+
+def _plain_result(tt: TaskTensors, state, trace, out: torch.Tensor) -> _Adapted:
+    """What :meth:`Agent._adapt` makes of one guarded adaptation and its query output."""
+    out = out.double()
+    conf = None
+    if tt.kind == CLASSIFICATION:
+        out = torch.softmax(out[..., : int(tt.n_way)], dim=-1)
+        conf = out.max(dim=-1).values
+    return _Adapted(state, out, conf, trace.step_calls, trace.diverged, 1, ["backtracked"] if trace.backtracks else [])
+
+
 class _LazyEmbedding:
     """A task's memory embedding (:meth:`Agent._embedding`), computed on the first call only.
 
@@ -439,11 +472,17 @@ class Agent:
         return self.step_many([task], received=received)[0]
 
     def step_many(self, tasks: Sequence[Task], *, received: float | None = None) -> list[Outcome]:
-        """Answer several waiting tasks (a micro-batch); the same results as stepping each.
+        """Answer several waiting tasks (a micro-batch) together.
 
         Tasks are checked first (ids not seen before, shapes that fit the model), so one that
         does not fit raises :class:`~agent.task.TaskError` before any is answered. The tasks'
-        initial losses are computed in one vmapped call when the model allows it.
+        initial losses are computed in one vmapped call when the model allows it, and tasks on
+        the plain path (one member) of one algorithm and shape are adapted together in lockstep
+        under vmap (:func:`agent.batch.guarded_adapt_batch`: per task, the same guarded steps as
+        alone). Every answer of the batch comes from the agent's state at the batch start;
+        learning from inline labels follows, in order, after all are answered (see
+        :meth:`_answer_batch`). One task is exactly :meth:`step`. An internal error on one task
+        is raised after the others were answered.
         """
         added = []
         try:
@@ -462,7 +501,13 @@ class Agent:
     def _step_batch(self, tasks: Sequence[Task], received: float | None) -> list[Outcome]:
         received = time.perf_counter() if received is None else received
         prepared = self._prepare(tasks)
-        return [self._answer(t, tt, f, received) for t, (tt, f) in zip(tasks, prepared)]
+        if len(tasks) == 1:
+            return [self._answer(tasks[0], prepared[0][0], prepared[0][1], received)]
+        results = self._answer_batch([(t, tt, f) for t, (tt, f) in zip(tasks, prepared)], received)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
     def _prepare(self, tasks: Sequence[Task]) -> list[tuple[TaskTensors, dict]]:
         """Checks and features; changes no state, so a failure here leaves the agent as it was."""
@@ -509,6 +554,12 @@ class Agent:
                 prepared = self._prepare([t for _, t in batch])  # ids were registered by the parser
             except Exception:  # noqa: BLE001 - one did not fit: prepare them one by one
                 prepared = [None] * len(batch)
+            if len(batch) > 1 and all(p is not None for p in prepared):
+                results = self._answer_batch([(t, p[0], p[1]) for (_, t), p in zip(batch, prepared)], received)
+                for (i, t), r in zip(batch, results):
+                    out[i] = self._guarded(lambda r=r: _outcome_or_raise(r), t.id, registered=True)
+                batch.clear()
+                return
             for (i, t), p in zip(batch, prepared):
                 if p is None:
                     out[i] = self._guarded(lambda t=t: [self._step_batch([t], received)[0].to_dict()], t.id,
@@ -617,7 +668,89 @@ class Agent:
                           "n_query": float(tt.query_x.shape[0]), "init_loss": loss, "norm_init_loss": norm})
         return feats
 
+    def _answer_batch(self, items: Sequence[tuple[Task, TaskTensors, dict]],
+                      received: float) -> list["Outcome | BaseException"]:
+        """Answer a micro-batch: plan every task, adapt groups together, finish, then learn.
+
+        1. Every task is planned in order (:meth:`_plan_task`: difficulty, pre-features, arm and
+           budget) before any is adapted, so planning sees the agent as it was at the batch start
+           (token bucket, memory, failure predictor, selector), except for the running difficulty
+           statistics and the plan's own bookkeeping, which advance task by task as in a loop.
+        2. Tasks on the plain path (one ensemble member) whose algorithm and model can be batched
+           (:func:`agent.batch.batchable`) are grouped by algorithm and shapes, and each group is
+           adapted by :func:`agent.batch.guarded_adapt_batch` (each task gets exactly what
+           :func:`~agent.compute.guarded_adapt` gives it alone) and predicted in one vmapped call.
+           Other tasks use :meth:`_adapt` one by one. A group that raises falls back to that too.
+        3. Each task is finished in order (:meth:`_finish`: probe and post action, outcome,
+           metrics, pending entry) with the meta-parameters of the batch start.
+        4. Tasks with inline labels are learned from, in order (memory, online learners, online
+           meta-updates), only after every task of the batch was answered.
+
+        So every answer of a micro-batch comes from the state at the batch start; learning from
+        the batch shows in the next one. Returns an :class:`Outcome` or the exception raised for
+        each task, in order.
+        """
+        from agent.batch import batchable, guarded_adapt_batch, predict_batch, shape_key
+
+        results: list = [None] * len(items)
+        jobs: list[tuple[int, _Job]] = []
+        for k, (task, tt, feats) in enumerate(items):
+            try:
+                jobs.append((k, self._plan_task(task, tt, feats)))
+            except Exception as e:  # noqa: BLE001 - reported for this task only
+                results[k] = e
+        groups: dict[tuple, list[tuple[int, _Job]]] = {}
+        for k, job in jobs:
+            if job.budget.members == 1 and batchable(job.alg):
+                key = (id(job.alg), shape_key(job.tt), tuple(job.tt.query_x.shape))
+                groups.setdefault(key, []).append((k, job))
+        done: dict[int, tuple[_Adapted, float]] = {}
+        cc = self.config.compute
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            alg = members[0][1].alg
+            t0 = time.perf_counter()
+            try:
+                pairs = guarded_adapt_batch(alg, self.meta, [j.tt for _, j in members], [j.budget.steps for _, j in members],
+                                            patience=cc.patience, max_backtracks=cc.max_backtracks)
+                outs = predict_batch(alg, self.meta, [s for s, _ in pairs], [j.tt.query_x for _, j in members])
+            except Exception:  # noqa: BLE001 - e.g. a model that does not vmap: adapt these one by one
+                log.exception("batched adaptation failed; adapting %d tasks one by one", len(members))
+                continue
+            share = (time.perf_counter() - t0) / len(members)
+            for (k, job), (state, trace), out in zip(members, pairs, outs):
+                done[k] = (_plain_result(job.tt, state, trace, out), share)
+        learn: list[tuple[int, _Job, _Pending]] = []
+        for k, job in jobs:
+            try:
+                if k in done:
+                    res, adapt_s = done[k]
+                else:
+                    t0 = time.perf_counter()
+                    res = self._adapt(job.alg, job.tt, job.budget, job.embedding)
+                    adapt_s = time.perf_counter() - t0
+                results[k], entry = self._finish(job, res, adapt_s, received, learn=False)
+                if entry is not None:
+                    learn.append((k, job, entry))
+            except Exception as e:  # noqa: BLE001
+                results[k] = e
+        for k, job, entry in learn:
+            try:
+                self._learn(job.task, job.tt, entry)
+            except Exception as e:  # noqa: BLE001 - the answer is not sent when learning from it failed
+                results[k] = e
+        return results
+
     def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float) -> Outcome:
+        """Plan, adapt and finish one task (learning from inline labels at once)."""
+        job = self._plan_task(task, tt, feats)
+        t0 = time.perf_counter()
+        res = self._adapt(job.alg, tt, job.budget, job.embedding)
+        return self._finish(job, res, time.perf_counter() - t0, received)[0]
+
+    def _plan_task(self, task: Task, tt: TaskTensors, feats: dict) -> "_Job":
+        """Difficulty, pre-features, the plan, arm, algorithm and budget of one task."""
         m, intel, fc = self.metrics, self.intel, self.config.failure
         difficulty = self.difficulty.update(feats["norm_init_loss"])
         feats = dict(feats, difficulty=difficulty)
@@ -636,11 +769,23 @@ class Agent:
             flags.append("widened")
         if str(plan.arm) in intel.reward_n:
             m.selector_pulls.labels(arm=str(plan.arm)).inc()
+        return _Job(task, tt, feats, embedding, x, plan, arm, alg, p_budget, budget, flags)
 
-        t0 = time.perf_counter()
-        res = self._adapt(alg, tt, budget, embedding)
+    def _finish(self, job: "_Job", res: _Adapted, adapt_s: float, received: float, *,
+                learn: bool = True) -> tuple[Outcome, _Pending | None]:
+        """Probe and post action, the outcome, metrics, and learning or the pending entry.
+
+        ``adapt_s``: seconds the adaptation took (the probe and any re-answer are added). With
+        ``learn`` false a task with inline labels is not learned from here: its pending entry is
+        returned (with the embedding of the meta state that answered) for :meth:`_learn` later.
+        """
+        m, intel, fc = self.metrics, self.intel, self.config.failure
+        task, tt, feats, embedding, x, plan = job.task, job.tt, job.feats, job.embedding, job.x, job.plan
+        arm, alg, p_budget, budget = job.arm, job.alg, job.p_budget, job.budget
+        flags = list(job.flags)
+        t0 = time.perf_counter() - adapt_s
         spent = res.steps
-        p_fail, action = difficulty, "none"
+        p_fail, action = feats["difficulty"], "none"
         if fc.enabled:
             probe = probe_features(alg, self.meta, tt, state=res.state)
             p_post, action = intel.post(task.id, x, probe, plan)
@@ -690,6 +835,9 @@ class Agent:
         entry = _Pending(task, self._arm_index.get(alg.name, arm), feats, predictions, budget.to_dict(), None,
                          self._compact(res.state), self.clock(), online)
         if task.query_y is not None:
+            if not learn:
+                entry.embedding = embedding() if self.memory is not None else None
+                return outcome, entry
             self._learn(task, tt, entry, embedding=embedding)  # the meta state is unchanged since the answer
         else:
             # Labels come later, after online updates may have changed the meta state: the
@@ -701,7 +849,7 @@ class Agent:
                 self.pending.popitem(last=False)
                 self._expired("capacity")
             m.feedback_pending.set(len(self.pending))
-        return outcome
+        return outcome, None
 
     # -- internals: the online intelligence's wiring -------------------------------------------
     def _embedding(self, tt: TaskTensors) -> np.ndarray | None:

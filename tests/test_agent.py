@@ -329,3 +329,119 @@ def test_memory_bytes_gauge_does_not_scan_the_bank(monkeypatch):
     assert scans == [] and len(agent.memory) == 20
     monkeypatch.undo()
     assert agent.registry.get_sample_value("metaagent_memory_bytes") == agent.memory.nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches: tasks adapted together (agent.batch), answers from the state at the batch start
+# ---------------------------------------------------------------------------------------------
+# Nothing learned between tasks changes an answer here (no memory, online learning, failure
+# predictor or drift widening; a fixed 5-step budget): a batch must answer as a loop does.
+STATIC = {"model": {"arch": "mlp", "hidden": [16, 16]},
+          "agent": {"in_shape": [1], "out_dim": 1, "arms": [{"algorithm": "maml", "inner_lr": 0.2, "budget": 1}]},
+          "compute": {"levels": [[1, 1], [5, 1], [10, 2]], "rate_per_s": 1e9, "capacity": 1e9},
+          "memory": {"enabled": False}, "online": {"enabled": False}, "failure": {"enabled": False},
+          "drift": {"enabled": False}}
+
+
+def _count_batches(monkeypatch):
+    import agent.batch as batch
+
+    calls = []
+    real = batch._guard_batch
+
+    def counting(alg, meta, tasks, *a, **k):
+        calls.append(len(tasks))
+        return real(alg, meta, tasks, *a, **k)
+
+    monkeypatch.setattr(batch, "_guard_batch", counting)
+    return calls
+
+
+def test_step_many_adapts_together_and_answers_as_a_loop(monkeypatch):
+    calls = _count_batches(monkeypatch)
+    rng = np.random.default_rng(11)
+    tasks = [sine_task(rng, i) for i in range(8)] + [sine_task(rng, 8 + i, k=6) for i in range(3)]
+    batched = Agent.from_config(STATIC).step_many(tasks)
+    assert sorted(calls) == [3, 8]  # two shapes: two lockstep groups
+    calls.clear()
+    single = Agent.from_config(STATIC)
+    looped = [single.step(t) for t in tasks]
+    assert not calls
+    assert any("backtracked" in o.flags for o in looped)
+    for a, b in zip(batched, looped):
+        assert (a.id, a.inner_steps, a.budget, a.flags, a.algorithm) == (b.id, b.inner_steps, b.budget, b.flags, b.algorithm)
+        np.testing.assert_allclose(np.asarray(a.predictions), np.asarray(b.predictions), rtol=1e-4, atol=1e-5)
+
+
+def test_handle_records_batches_and_micro_batch_one_is_step(monkeypatch):
+    calls = _count_batches(monkeypatch)
+    rng = np.random.default_rng(12)
+    tasks = [sine_task(rng, i) for i in range(10)]
+    cfg = {**SMALL, "agent": {**SMALL["agent"], "micro_batch": 1}}
+    one = Agent.from_config(cfg)
+    outs = one.handle_records([line(t) for t in tasks])
+    assert not calls  # micro-batch 1: the per-task path
+    ref = Agent.from_config(SMALL)
+    for o, t in zip(outs, tasks):
+        r = ref.step(t).to_dict()
+        assert {k: v for k, v in o[0].items() if k != "latency_ms"} == {k: v for k, v in r.items() if k != "latency_ms"}
+    assert {**one.counters, "records": 0} == ref.counters and len(one.memory) == len(ref.memory)
+    five = Agent.from_config({**SMALL, "agent": {**SMALL["agent"], "micro_batch": 5}})
+    outs = five.handle_records([line(t) for t in tasks])
+    assert calls and all("predictions" in o[0] for o in outs)
+    assert five.counters["labelled"] == 10 and five.counters["online_updates"] == 10
+
+
+def test_batch_answers_from_the_state_at_its_start_then_learns_in_order():
+    # Online meta-learning on: the second task of a batch is answered with the meta-parameters
+    # of the batch start (the first task's update comes after every answer), and every task is
+    # learned from, in order, with the embedding of the state that answered it.
+    rng = np.random.default_rng(13)
+    tasks = [sine_task(rng, i) for i in range(6)]
+    live = Agent.from_config({**STATIC, "memory": {"capacity": 50}, "online": {"enabled": True}})
+    frozen = Agent.from_config(STATIC)
+    start_meta = {k: v.detach().clone() for k, v in live.meta.items()}
+    got = live.step_many(tasks)
+    want = [frozen.step(t) for t in tasks]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a.predictions), np.asarray(b.predictions), rtol=1e-4, atol=1e-5)
+    assert live.counters["online_updates"] == 6 and len(live.memory) == 6
+    assert any(not torch.equal(live.meta[k], v) for k, v in start_meta.items())
+    from agent.memory import task_embedding
+
+    for t in tasks:  # the embedding of the state that answered, not of the updated one
+        emb = task_embedding(live.learner, start_meta, t.to_tensors(), projection=live.projection)
+        np.testing.assert_allclose(live.memory.get(t.id).embedding, emb, rtol=1e-5, atol=1e-6)
+    # and the next batch is answered from the updated state
+    nxt = sine_task(rng, 99)
+    after = live.step_many([nxt, sine_task(rng, 100)])[0]
+    assert not np.allclose(np.asarray(after.predictions), np.asarray(frozen.step(nxt).predictions))
+
+
+def test_batch_failures_stay_with_their_task(monkeypatch, caplog):
+    import agent.batch as batch
+
+    rng = np.random.default_rng(14)
+    tasks = [sine_task(rng, i) for i in range(4)]
+    agent = Agent.from_config(STATIC)
+
+    def broken(*a, **k):
+        raise RuntimeError("no vmap today")
+
+    monkeypatch.setattr(batch, "guarded_adapt_batch", broken)
+    with caplog.at_level("ERROR"):
+        outs = agent.handle_records([line(t) for t in tasks])
+    assert all("predictions" in o[0] for o in outs)  # the group fell back to one by one
+    assert "batched adaptation failed" in caplog.text
+    monkeypatch.undo()
+    real_finish = agent._finish
+
+    def finish(job, *a, **k):
+        if job.task.id == "t-00102":
+            raise ValueError("boom")
+        return real_finish(job, *a, **k)
+
+    monkeypatch.setattr(agent, "_finish", finish)
+    outs = agent.handle_records([line(sine_task(rng, 100 + i)) for i in range(4)])
+    assert [("error" in o[0]) for o in outs] == [False, False, True, False]
+    assert outs[2][0]["error"]["code"] == "internal" and agent.counters["tasks"] == 7
