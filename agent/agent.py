@@ -284,14 +284,15 @@ class _LazyEmbedding:
     never pay for it, and none pays twice.
     """
 
-    __slots__ = ("_agent", "_tt", "_done", "_value")
+    __slots__ = ("_agent", "_tt", "_done", "_value", "_features")
 
-    def __init__(self, agent: "Agent", tt: TaskTensors):
-        self._agent, self._tt, self._done, self._value = agent, tt, False, None
+    def __init__(self, agent: "Agent", tt: TaskTensors, features: torch.Tensor | None = None):
+        self._agent, self._tt, self._done, self._value, self._features = agent, tt, False, None, features
 
     def __call__(self) -> np.ndarray | None:
         if not self._done:
-            self._value, self._done = self._agent._embedding(self._tt), True
+            self._value, self._done = self._agent._embedding(self._tt, self._features), True
+            self._features = None
         return self._value
 
 
@@ -690,13 +691,19 @@ class Agent:
         the batch shows in the next one. Returns an :class:`Outcome` or the exception raised for
         each task, in order.
         """
-        from agent.batch import batchable, guarded_adapt_batch, predict_batch, shape_key
+        from agent.batch import batchable, embed_batch, guarded_adapt_batch, predict_batch, shape_key, start_batch
 
         results: list = [None] * len(items)
         jobs: list[tuple[int, _Job]] = []
+        pre: list = [None] * len(items)
+        if batchable(self.learner):
+            try:
+                pre = start_batch(self.learner, self.meta, [tt for _, tt, _ in items], grad=self.config.failure.grad_features)
+            except Exception:  # noqa: BLE001 - a model that does not vmap: each task computes its own
+                log.exception("batched features failed; computing them task by task")
         for k, (task, tt, feats) in enumerate(items):
             try:
-                jobs.append((k, self._plan_task(task, tt, feats)))
+                jobs.append((k, self._plan_task(task, tt, feats, pre[k])))
             except Exception as e:  # noqa: BLE001 - reported for this task only
                 results[k] = e
         groups: dict[tuple, list[tuple[int, _Job]]] = {}
@@ -715,22 +722,25 @@ class Agent:
                 pairs = guarded_adapt_batch(alg, self.meta, [j.tt for _, j in members], [j.budget.steps for _, j in members],
                                             patience=cc.patience, max_backtracks=cc.max_backtracks)
                 outs = predict_batch(alg, self.meta, [s for s, _ in pairs], [j.tt.query_x for _, j in members])
+                feats = embed_batch(alg, self.meta, [s for s, _ in pairs], [j.tt.support_x for _, j in members]) \
+                    if self.config.failure.enabled else [None] * len(members)
             except Exception:  # noqa: BLE001 - e.g. a model that does not vmap: adapt these one by one
                 log.exception("batched adaptation failed; adapting %d tasks one by one", len(members))
                 continue
             share = (time.perf_counter() - t0) / len(members)
-            for (k, job), (state, trace), out in zip(members, pairs, outs):
-                done[k] = (_plain_result(job.tt, state, trace, out), share)
+            for (k, job), (state, trace), out, f in zip(members, pairs, outs, feats):
+                probe = {"init_loss": trace.losses[0], "probe_loss": trace.best_loss, "features": f}
+                done[k] = (_plain_result(job.tt, state, trace, out), share, probe)
         learn: list[tuple[int, _Job, _Pending]] = []
         for k, job in jobs:
             try:
                 if k in done:
-                    res, adapt_s = done[k]
+                    res, adapt_s, probe = done[k]
                 else:
                     t0 = time.perf_counter()
                     res = self._adapt(job.alg, job.tt, job.budget, job.embedding)
-                    adapt_s = time.perf_counter() - t0
-                results[k], entry = self._finish(job, res, adapt_s, received, learn=False)
+                    adapt_s, probe = time.perf_counter() - t0, None
+                results[k], entry = self._finish(job, res, adapt_s, received, learn=False, probe=probe)
                 if entry is not None:
                     learn.append((k, job, entry))
             except Exception as e:  # noqa: BLE001
@@ -749,13 +759,18 @@ class Agent:
         res = self._adapt(job.alg, tt, job.budget, job.embedding)
         return self._finish(job, res, time.perf_counter() - t0, received)[0]
 
-    def _plan_task(self, task: Task, tt: TaskTensors, feats: dict) -> "_Job":
-        """Difficulty, pre-features, the plan, arm, algorithm and budget of one task."""
+    def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None) -> "_Job":
+        """Difficulty, pre-features, the plan, arm, algorithm and budget of one task.
+
+        ``pre``: ``(support features, initial loss, gradient norm)`` at the meta-parameters from a
+        batched pass over the micro-batch (:func:`agent.batch.start_batch`); computed here otherwise.
+        """
         m, intel, fc = self.metrics, self.intel, self.config.failure
         difficulty = self.difficulty.update(feats["norm_init_loss"])
         feats = dict(feats, difficulty=difficulty)
-        embedding = _LazyEmbedding(self, tt)  # computed when memory is searched or written, once
-        x = self._pre_features(tt, feats, embedding)
+        # computed when memory is searched or written, once
+        embedding = _LazyEmbedding(self, tt, None if pre is None else pre[0])
+        x = self._pre_features(tt, feats, embedding, pre)
         plan = intel.plan(task.id, x)
         arm, base = self._arm_and_base(plan, feats)
         alg = self._algorithm(arm, plan.overrides.get("inner_lr"))
@@ -772,10 +787,12 @@ class Agent:
         return _Job(task, tt, feats, embedding, x, plan, arm, alg, p_budget, budget, flags)
 
     def _finish(self, job: "_Job", res: _Adapted, adapt_s: float, received: float, *,
-                learn: bool = True) -> tuple[Outcome, _Pending | None]:
+                learn: bool = True, probe: Mapping[str, Any] | None = None) -> tuple[Outcome, _Pending | None]:
         """Probe and post action, the outcome, metrics, and learning or the pending entry.
 
-        ``adapt_s``: seconds the adaptation took (the probe and any re-answer are added). With
+        ``adapt_s``: seconds the adaptation took (the probe and any re-answer are added).
+        ``probe``: what a batched pass knows of the probe already (``init_loss``, ``probe_loss``,
+        ``features``; see :func:`~agent.online.features.probe_features`). With
         ``learn`` false a task with inline labels is not learned from here: its pending entry is
         returned (with the embedding of the meta state that answered) for :meth:`_learn` later.
         """
@@ -787,7 +804,7 @@ class Agent:
         spent = res.steps
         p_fail, action = feats["difficulty"], "none"
         if fc.enabled:
-            probe = probe_features(alg, self.meta, tt, state=res.state)
+            probe = probe_features(alg, self.meta, tt, state=res.state, **(probe or {}))
             p_post, action = intel.post(task.id, x, probe, plan)
             if plan.warm:
                 p_fail = p_post
@@ -852,22 +869,28 @@ class Agent:
         return outcome, None
 
     # -- internals: the online intelligence's wiring -------------------------------------------
-    def _embedding(self, tt: TaskTensors) -> np.ndarray | None:
-        """The task's memory embedding (default algorithm), or ``None`` without memory or when degenerate."""
+    def _embedding(self, tt: TaskTensors, features: torch.Tensor | None = None) -> np.ndarray | None:
+        """The task's memory embedding (default algorithm), or ``None`` without memory or when degenerate.
+
+        ``features``: the support features under the meta-parameters, when a batched pass has them."""
         if self.memory is None:
             return None
-        emb = task_embedding(self.learner, self.meta, tt, projection=self.projection)
+        emb = task_embedding(self.learner, self.meta, tt, projection=self.projection, features=features)
         return emb if np.isfinite(emb).all() and np.any(emb) else None
 
-    def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding: "_LazyEmbedding") -> dict[str, float]:
+    def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding: "_LazyEmbedding",
+                      pre: tuple | None = None) -> dict[str, float]:
         """:func:`~agent.online.features.pre_features` plus the difficulty (a cold-start prior).
 
         Memory is searched (and the embedding computed) only when it holds entries: an empty or
-        disabled memory gives the same "no neighbours" features without one.
+        disabled memory gives the same "no neighbours" features without one. ``pre``: support
+        features, initial loss and gradient norm from a batched pass (:func:`agent.batch.start_batch`).
         """
         emb = embedding() if self.memory is not None and len(self.memory) else None
+        grad = self.config.failure.grad_features
         x = pre_features(self.learner, self.meta, tt, self.memory if emb is not None else None,
-                         embedding=emb, k=self.config.memory.k, loss_and_grad=self.config.failure.grad_features)
+                         embedding=emb, k=self.config.memory.k, loss_and_grad=grad,
+                         features=None if pre is None else pre[0], init=None if pre is None or not grad else pre[1:])
         x["difficulty"] = feats["difficulty"]
         x["log_norm_init_loss"] = math.log(max(feats["norm_init_loss"], 1e-12)) if math.isfinite(feats["norm_init_loss"]) \
             else math.nan

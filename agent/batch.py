@@ -56,8 +56,9 @@ from torch import Tensor
 
 from agent.algorithms.base import Adapted, Algorithm, MetaState, TaskTensors, func_grad
 from agent.compute import AdaptTrace, guarded_adapt
+from agent.nn.model import embed, subdict
 
-__all__ = ["guarded_adapt_batch", "predict_batch", "batchable", "shape_key"]
+__all__ = ["guarded_adapt_batch", "predict_batch", "embed_batch", "start_batch", "batchable", "shape_key"]
 
 
 def shape_key(task: TaskTensors) -> tuple:
@@ -289,6 +290,15 @@ def predict_batch(algorithm: Algorithm, meta: MetaState, states: Sequence[Adapte
     >>> all(torch.allclose(o, maml.predict(meta, s, xi)) for o, xi in zip(outs, x))
     True
     """
+    return _map_states(algorithm, meta, states, xs, lambda a, m, s, x: a.predict(m, s, x))
+
+
+def embed_batch(algorithm: Algorithm, meta: MetaState, states: Sequence[Adapted], xs: Sequence[Tensor]) -> list[Tensor]:
+    """``algorithm.embed(meta, state.params, x, state.step)`` for each pair, batched as :func:`predict_batch`."""
+    return _map_states(algorithm, meta, states, xs, lambda a, m, s, x: a.embed(m, s.params, x, s.step))
+
+
+def _map_states(algorithm, meta, states, xs, fn) -> list[Tensor]:
     states, xs = list(states), list(xs)
     out: list[Any] = [None] * len(states)
     with torch.no_grad():
@@ -303,13 +313,77 @@ def predict_batch(algorithm: Algorithm, meta: MetaState, states: Sequence[Adapte
         for idx in groups.values():
             if len(idx) == 1:
                 i = idx[0]
-                out[i] = algorithm.predict(meta, states[i], xs[i])
+                out[i] = fn(algorithm, meta, states[i], xs[i])
                 continue
             k = states[idx[0]].step
             p = {name: torch.stack([states[i].params[name] for i in idx]) for name in states[idx[0]].params}
             e = {name: torch.stack([states[i].extras[name] for i in idx]) for name in states[idx[0]].extras}
             x = torch.stack([xs[i] for i in idx])
-            res = torch.func.vmap(lambda p_, e_, x_: algorithm.predict(meta, Adapted(p_, e_, k), x_))(p, e, x)
+            res = torch.func.vmap(lambda p_, e_, x_: fn(algorithm, meta, Adapted(p_, e_, k), x_))(p, e, x)
             for j, i in enumerate(idx):
                 out[i] = res[j]
+    return out
+
+
+def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTensors], *,
+                grad: bool = True) -> list[tuple[Tensor, float, float]]:
+    """Per task, at the meta-parameters: the backbone's support features, the support loss and its gradient norm.
+
+    The same numbers as :func:`agent.memory.task_embedding`'s and
+    :func:`agent.online.features.pre_features`' forward pass (``embed`` of the support inputs
+    under ``params.*``/``buffers.*``) and :func:`agent.online.features._init_loss_and_grad` (the
+    support loss of ``algorithm.start`` and the L2 norm of its gradient with respect to every
+    floating ``params.*`` entry), up to float rounding, for tasks of one :func:`shape_key`, in one
+    vmapped call; other tasks one by one. Without ``grad`` the norm is NaN and no backward runs.
+    Needs :func:`batchable`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from agent.algorithms.maml import MAML
+    >>> from agent.online.features import _init_loss_and_grad
+    >>> from agent.nn.mlp import MLPFeatures
+    >>> from agent.nn.model import MetaModel
+    >>> maml = MAML(MetaModel(MLPFeatures(1, (8,)), 8, 1, vmappable=True))
+    >>> meta = maml.init_meta(torch.Generator().manual_seed(0))
+    >>> x = torch.linspace(-1, 1, 5).unsqueeze(1)
+    >>> tasks = [TaskTensors(x, a * x, x, None, "regression") for a in (1.0, 2.0)]
+    >>> (f, loss, gnorm), _ = start_batch(maml, meta, tasks)
+    >>> want = _init_loss_and_grad(maml, meta, tasks[0])
+    >>> abs(loss - want[0]) < 1e-6 and abs(gnorm - want[1]) < 1e-5, tuple(f.shape)
+    (True, (5, 8))
+    """
+    tasks = list(tasks)
+    out: list[Any] = [None] * len(tasks)
+    names = [k for k, v in meta.items() if k.startswith("params.") and v.is_floating_point()]
+    shared = {k: meta[k].detach() for k in names}
+    rest = {k: v.detach() for k, v in meta.items() if k not in shared}
+    model = algorithm.model
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tasks):
+        groups.setdefault(shape_key(t), []).append(i)
+    for idx in groups.values():
+        kind, n_way = tasks[idx[0]].kind, tasks[idx[0]].n_way
+
+        def loss_fn(p, x, y):
+            m = {**rest, **p}
+            t = TaskTensors(x, y, x, None, kind, n_way)
+            return algorithm.support_loss(m, algorithm.start(m, t), t)
+
+        def one(p, x, y):
+            if grad:
+                g, loss = torch.func.grad_and_value(loss_fn)(p, x, y)
+                sq = sum((v.double() ** 2).sum() for v in g.values()) if g else torch.zeros((), dtype=torch.float64)
+            else:
+                loss, sq = loss_fn(p, x, y), torch.full((), math.nan, dtype=torch.float64)
+            m = {**rest, **p}
+            f = embed(model, subdict(m, "params.") or dict(m), subdict(m, "buffers."), x)
+            return f, loss, sq
+
+        sx = torch.stack([tasks[i].support_x for i in idx])
+        sy = torch.stack([tasks[i].support_y for i in idx])
+        with torch.no_grad():
+            f, loss, sq = torch.func.vmap(one, in_dims=(None, 0, 0))(shared, sx, sy)
+        for j, (i, lv, sv) in enumerate(zip(idx, loss.tolist(), sq.tolist())):
+            out[i] = (f[j], lv, math.sqrt(sv) if sv == sv else math.nan)
     return out

@@ -445,3 +445,39 @@ def test_batch_failures_stay_with_their_task(monkeypatch, caplog):
     outs = agent.handle_records([line(sine_task(rng, 100 + i)) for i in range(4)])
     assert [("error" in o[0]) for o in outs] == [False, False, True, False]
     assert outs[2][0]["error"]["code"] == "internal" and agent.counters["tasks"] == 7
+
+
+def test_batched_features_equal_the_per_task_ones(monkeypatch):
+    # The batch path computes the support features, initial loss and gradient norm, and the
+    # probe's embedding in vmapped passes; the failure predictor must see the same numbers.
+    cfg = {**STATIC, "failure": {"enabled": True}}
+    seen = {"batch": [], "loop": []}
+
+    def recorder(agent, key):
+        plan, post = agent.intel.plan, agent.intel.post
+        monkeypatch.setattr(agent.intel, "plan", lambda tid, x: (seen[key].append(("pre", tid, x)), plan(tid, x))[1])
+        monkeypatch.setattr(agent.intel, "post", lambda tid, x, probe, p: (seen[key].append(("post", tid, probe)),
+                                                                        post(tid, x, probe, p))[1])
+
+    rng = np.random.default_rng(15)
+    tasks = [sine_task(rng, i) for i in range(6)]
+    batched, looped = Agent.from_config(cfg), Agent.from_config(cfg)
+    recorder(batched, "batch")
+    recorder(looped, "loop")
+    batched.step_many(tasks)
+    for t in tasks:
+        looped.step(t)
+    key = lambda r: (r[1], r[0])  # noqa: E731 - per task: pre, then post
+    got, want = sorted(seen["batch"], key=key), sorted(seen["loop"], key=key)
+    assert [key(r) for r in got] == [key(r) for r in want] and len(got) == 12
+    for (_, _, a), (_, _, b) in zip(got, want):
+        assert a.keys() == b.keys()
+        for k in b:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    # the memory embedding from batched features is the per-task one
+    agent = Agent.from_config(SMALL)
+    from agent.batch import start_batch
+
+    tts = [t.to_tensors() for t in tasks[:3]]
+    for tt, (f, _, _) in zip(tts, start_batch(agent.learner, agent.meta, tts)):
+        np.testing.assert_allclose(agent._embedding(tt, f), agent._embedding(tt), rtol=1e-5, atol=1e-6)

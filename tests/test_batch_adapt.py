@@ -204,3 +204,23 @@ def test_bad_arguments():
         guarded_adapt_batch(alg, meta, tasks, -1)
     assert guarded_adapt_batch(alg, meta, [], 3) == []
     assert batch.batchable(alg) and not batch.batchable(build("protonet", mlp(hidden=(4,)), ))
+
+
+def test_start_batch_and_embed_batch_match_the_per_task_functions():
+    from agent.batch import embed_batch, start_batch
+    from agent.online.features import _embedding, _init_loss_and_grad
+
+    for name, model, tasks in [("maml", mlp(hidden=(16, 16)), sine_tasks(5, seed=12) + sine_tasks(2, k=4, seed=13)),
+                               ("anil", mlp(in_dim=2, out_dim=3, hidden=(8,)), blob_tasks(4, seed=14))]:
+        alg = build(name, model, inner_lr=0.3)
+        meta = alg.init_meta(torch.Generator().manual_seed(0))
+        got = start_batch(alg, meta, tasks)
+        for (f, loss, gnorm), t in zip(got, tasks):
+            want_loss, want_g = _init_loss_and_grad(alg, meta, t)
+            assert loss == pytest.approx(want_loss, rel=1e-5) and gnorm == pytest.approx(want_g, rel=1e-5)
+            torch.testing.assert_close(f.reshape(f.shape[0], -1).double(), _embedding(alg, meta, t.support_x))
+        f, loss, gnorm = start_batch(alg, meta, tasks, grad=False)[0]
+        assert math.isnan(gnorm) and loss == pytest.approx(got[0][1])
+        states = [s for s, _ in guarded_adapt_batch(alg, meta, tasks, 3)]
+        for e, s, t in zip(embed_batch(alg, meta, states, [t.support_x for t in tasks]), states, tasks):
+            torch.testing.assert_close(e, alg.embed(meta, s.params, t.support_x, s.step), rtol=1e-5, atol=1e-6)

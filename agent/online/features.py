@@ -188,7 +188,8 @@ def _init_loss_and_grad(algorithm, meta: Mapping[str, Tensor], task: TaskTensors
 
 
 def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memory=None, *,
-                 embedding: np.ndarray | None = None, k: int = 5, loss_and_grad: bool = True) -> dict[str, float]:
+                 embedding: np.ndarray | None = None, k: int = 5, loss_and_grad: bool = True,
+                 features: Tensor | None = None, init: tuple[float, float] | None = None) -> dict[str, float]:
     """Features available before adaptation (see the module docstring).
 
     Parameters
@@ -208,6 +209,9 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
         Neighbours read from memory.
     loss_and_grad
         Compute the initial support loss and gradient norm (one forward and backward).
+    features, init
+        Precomputed by a caller that batches tasks: the backbone's features of the support
+        inputs under ``meta``, and ``(initial support loss, its gradient norm)``.
     """
     x, y = task.support_x, task.support_y
     n = int(x.shape[0])
@@ -218,8 +222,11 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
     out["dims"] = float(np.prod(x.shape[1:])) if x.dim() > 1 else 1.0
     xf = x.reshape(n, -1).double()
     out["input_spread"] = float(xf.std(0, unbiased=False).mean()) if n > 1 else 0.0
-    with torch.no_grad():
-        f = _embedding(algorithm, meta, x)
+    if features is None:
+        with torch.no_grad():
+            f = _embedding(algorithm, meta, x)
+    else:
+        f = features.reshape(features.shape[0], -1).double()
     out["emb_spread"] = float((f - f.mean(0)).pow(2).sum(1).mean().sqrt())
     out["emb_norm"] = float(f.norm(dim=1).mean())
     if cls:
@@ -239,7 +246,7 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
         out["ridge_r2"] = _ridge(f, y)["ridge_r2"] if n > 1 else 0.0
     out["log_shots"] = math.log1p(out["shots"])
     if loss_and_grad:
-        loss, gnorm = _init_loss_and_grad(algorithm, meta, task)
+        loss, gnorm = _init_loss_and_grad(algorithm, meta, task) if init is None else init
         out["init_loss"], out["init_grad_norm"] = loss, gnorm
         out["log_init_loss"] = math.log1p(max(loss, 0.0)) if math.isfinite(loss) else math.nan
         out["log_init_grad_norm"] = math.log1p(gnorm) if math.isfinite(gnorm) else math.nan
@@ -252,7 +259,8 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
 
 
 def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, steps: int = 1,
-                   state: Adapted | None = None, init_loss: float | None = None) -> dict[str, float]:
+                   state: Adapted | None = None, init_loss: float | None = None, probe_loss: float | None = None,
+                   features: Tensor | None = None) -> dict[str, float]:
     """Features after a short probe of ``steps`` inner steps (or of a given probe ``state``).
 
     ``loss_drop`` is ``init_loss - probe_loss`` (support losses) and ``loss_drop_ratio`` the
@@ -260,6 +268,8 @@ def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, 
     accuracy of the support set in the probed embedding (classification) or ``1 / (1 + loo_nmse)``
     with ``loo_nmse`` the ridge leave-one-out MSE over the target variance (regression): higher
     is better for both. Non-finite values are replaced and counted in ``probe_nonfinite``.
+    ``probe_loss`` (the support loss of ``state``) and ``features`` (the support inputs'
+    features under ``state``) may be passed by a caller that has them already.
     """
     out: dict[str, float] = dict.fromkeys(PROBE_KEYS, 0.0)
     with torch.no_grad():
@@ -270,12 +280,15 @@ def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, 
             state = start
             for _ in range(int(steps)):
                 state = algorithm.step(meta, state, task)
-        probe_loss = float(algorithm.support_loss(meta, state, task))
+        if probe_loss is None:
+            probe_loss = float(algorithm.support_loss(meta, state, task))
         out["probe_steps"] = float(state.step)
         out["probe_loss"] = probe_loss
         out["loss_drop"] = init_loss - probe_loss
         out["loss_drop_ratio"] = (init_loss - probe_loss) / (abs(init_loss) + 1e-8)
-        f = algorithm.embed(meta, state.params, task.support_x, state.step).reshape(task.support_x.shape[0], -1).double()
+        if features is None:
+            features = algorithm.embed(meta, state.params, task.support_x, state.step)
+        f = features.reshape(task.support_x.shape[0], -1).double()
         if task.kind == CLASSIFICATION:
             out["loo_score"] = _class_geometry(f, task.support_y, int(task.n_way))["loo_acc"]
         elif f.shape[0] > 1:
