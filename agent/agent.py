@@ -60,6 +60,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import checkpoint as ckpt
 from agent.algorithms import Algorithm, TaskTensors, build
+from agent.batch import batchable, embed_batch, guarded_adapt_batch, predict_batch, shape_key, start_batch
 from agent.compute import Budget, BudgetLevels, TokenBucket, choose_budget, ensemble_predict, guarded_adapt
 from agent.config import Config, load as load_config
 from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
@@ -264,6 +265,18 @@ def _outcome_or_raise(r: "Outcome | BaseException") -> list[dict]:
     if isinstance(r, BaseException):
         raise r
     return [r.to_dict()]
+
+
+def _features_from_loss(tt: TaskTensors, loss: float) -> dict[str, float]:
+    """:func:`task_features` of a task whose initial support loss is known."""
+    n = int(tt.support_x.shape[0])
+    if tt.kind == CLASSIFICATION:
+        scale, shots, nw = math.log(max(int(tt.n_way), 2)), n / int(tt.n_way), float(tt.n_way)
+    else:
+        scale, shots, nw = (float(tt.support_y.float().var(unbiased=False)) if n > 1 else 1.0), n, 0.0
+    norm = loss / max(scale, 1e-6) if math.isfinite(loss) else math.inf
+    return {"n_support": float(n), "n_way": nw, "shots": float(shots),
+            "n_query": float(tt.query_x.shape[0]), "init_loss": loss, "norm_init_loss": norm}
 
 
 def _plain_result(tt: TaskTensors, state, trace, out: torch.Tensor) -> _Adapted:
@@ -504,16 +517,22 @@ class Agent:
         prepared = self._prepare(tasks)
         if len(tasks) == 1:
             return [self._answer(tasks[0], prepared[0][0], prepared[0][1], received)]
-        results = self._answer_batch([(t, tt, f) for t, (tt, f) in zip(tasks, prepared)], received)
+        results = self._answer_batch([(t, *p) for t, p in zip(tasks, prepared)], received)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
         return results
 
-    def _prepare(self, tasks: Sequence[Task]) -> list[tuple[TaskTensors, dict]]:
-        """Checks and features; changes no state, so a failure here leaves the agent as it was."""
+    def _prepare(self, tasks: Sequence[Task]) -> list[tuple[TaskTensors, dict, tuple | None]]:
+        """Checks and features; changes no state, so a failure here leaves the agent as it was.
+
+        Per task: its tensors, its features (:func:`task_features`) and, for a batch computed in
+        one vmapped pass, ``(support features, initial loss, gradient norm)`` at the
+        meta-parameters (:func:`agent.batch.start_batch`; ``None`` otherwise).
+        """
         tts = [self._check(t) for t in tasks]
-        return list(zip(tts, self._features(tts)))
+        feats, pre = self._features(tts)
+        return list(zip(tts, feats, pre))
 
     def feedback(self, task_id: str, y: Any) -> dict | None:
         """Labels for a task answered earlier: score it and learn from it.
@@ -556,7 +575,7 @@ class Agent:
             except Exception:  # noqa: BLE001 - one did not fit: prepare them one by one
                 prepared = [None] * len(batch)
             if len(batch) > 1 and all(p is not None for p in prepared):
-                results = self._answer_batch([(t, p[0], p[1]) for (_, t), p in zip(batch, prepared)], received)
+                results = self._answer_batch([(t, *p) for (_, t), p in zip(batch, prepared)], received)
                 for (i, t), r in zip(batch, results):
                     out[i] = self._guarded(lambda r=r: _outcome_or_raise(r), t.id, registered=True)
                 batch.clear()
@@ -632,44 +651,21 @@ class Agent:
             raise
         return task.to_tensors()
 
-    def _features(self, tts: Sequence[TaskTensors]) -> list[dict]:
-        # Initial support losses of a micro-batch in one vmapped forward when shapes agree.
-        out = [None] * len(tts)
-        if len(tts) > 1 and self.model.vmappable and all(self.learner.can_vmap([tts[0], t]) for t in tts[1:]):
-            alg = self.algorithms[self.config.agent.default_arm]
-            if alg.iterative:
-                try:
-                    out = self._batched_features(alg, tts)
-                except Exception:  # noqa: BLE001 - an exotic model under vmap: fall back to the loop
-                    out = [None] * len(tts)
-        return [f if f is not None else task_features(self.algorithms[self.config.agent.default_arm], self.meta, tt)
-                for f, tt in zip(out, tts)]
+    def _features(self, tts: Sequence[TaskTensors]) -> tuple[list[dict], list[tuple | None]]:
+        # A micro-batch's initial losses, gradient norms and support features in one vmapped pass
+        # per shape (agent.batch.start_batch); one task, or a model that cannot vmap: task by task.
+        alg = self.learner
+        pre: list = [None] * len(tts)
+        if len(tts) > 1 and batchable(alg):
+            try:
+                pre = start_batch(alg, self.meta, tts, grad=self.config.failure.grad_features)
+            except Exception:  # noqa: BLE001 - an exotic model under vmap: fall back to the loop
+                log.exception("batched features failed; computing them task by task")
+                pre = [None] * len(tts)
+        feats = [task_features(alg, self.meta, tt) if p is None else _features_from_loss(tt, p[1]) for p, tt in zip(pre, tts)]
+        return feats, pre
 
-    def _batched_features(self, alg: Algorithm, tts: Sequence[TaskTensors]) -> list[dict]:
-        sx = torch.stack([t.support_x for t in tts])
-        sy = torch.stack([t.support_y for t in tts])
-        kind, n_way = tts[0].kind, tts[0].n_way
-        meta = self.meta
-
-        def one(x, y):
-            t = TaskTensors(x, y, x, None, kind, n_way)
-            return alg.support_loss(meta, alg.start(meta, t), t)
-
-        with torch.no_grad():
-            losses = torch.func.vmap(one)(sx, sy).tolist()
-        feats = []
-        for tt, loss in zip(tts, losses):
-            n = int(tt.support_x.shape[0])
-            if tt.kind == CLASSIFICATION:
-                scale, shots, nw = math.log(max(int(tt.n_way), 2)), n / int(tt.n_way), float(tt.n_way)
-            else:
-                scale, shots, nw = (float(tt.support_y.float().var(unbiased=False)) if n > 1 else 1.0), n, 0.0
-            norm = loss / max(scale, 1e-6) if math.isfinite(loss) else math.inf
-            feats.append({"n_support": float(n), "n_way": nw, "shots": float(shots),
-                          "n_query": float(tt.query_x.shape[0]), "init_loss": loss, "norm_init_loss": norm})
-        return feats
-
-    def _answer_batch(self, items: Sequence[tuple[Task, TaskTensors, dict]],
+    def _answer_batch(self, items: Sequence[tuple[Task, TaskTensors, dict, tuple | None]],
                       received: float) -> list["Outcome | BaseException"]:
         """Answer a micro-batch: plan every task, adapt groups together, finish, then learn.
 
@@ -691,19 +687,11 @@ class Agent:
         the batch shows in the next one. Returns an :class:`Outcome` or the exception raised for
         each task, in order.
         """
-        from agent.batch import batchable, embed_batch, guarded_adapt_batch, predict_batch, shape_key, start_batch
-
         results: list = [None] * len(items)
         jobs: list[tuple[int, _Job]] = []
-        pre: list = [None] * len(items)
-        if batchable(self.learner):
+        for k, (task, tt, feats, pre) in enumerate(items):
             try:
-                pre = start_batch(self.learner, self.meta, [tt for _, tt, _ in items], grad=self.config.failure.grad_features)
-            except Exception:  # noqa: BLE001 - a model that does not vmap: each task computes its own
-                log.exception("batched features failed; computing them task by task")
-        for k, (task, tt, feats) in enumerate(items):
-            try:
-                jobs.append((k, self._plan_task(task, tt, feats, pre[k])))
+                jobs.append((k, self._plan_task(task, tt, feats, pre)))
             except Exception as e:  # noqa: BLE001 - reported for this task only
                 results[k] = e
         groups: dict[tuple, list[tuple[int, _Job]]] = {}

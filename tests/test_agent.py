@@ -419,7 +419,7 @@ def test_batch_answers_from_the_state_at_its_start_then_learns_in_order():
 
 
 def test_batch_failures_stay_with_their_task(monkeypatch, caplog):
-    import agent.batch as batch
+    import agent.agent as agent_module
 
     rng = np.random.default_rng(14)
     tasks = [sine_task(rng, i) for i in range(4)]
@@ -428,7 +428,7 @@ def test_batch_failures_stay_with_their_task(monkeypatch, caplog):
     def broken(*a, **k):
         raise RuntimeError("no vmap today")
 
-    monkeypatch.setattr(batch, "guarded_adapt_batch", broken)
+    monkeypatch.setattr(agent_module, "guarded_adapt_batch", broken)
     with caplog.at_level("ERROR"):
         outs = agent.handle_records([line(t) for t in tasks])
     assert all("predictions" in o[0] for o in outs)  # the group fell back to one by one
