@@ -125,18 +125,27 @@ def _class_geometry(f: Tensor, y: Tensor, n_way: int) -> dict[str, float]:
 
 
 def _ridge(f: Tensor, y: Tensor, ridge: float = 1e-2) -> dict[str, float]:
-    """Train R^2 and leave-one-out normalised MSE of a ridge regression of ``y`` on ``f`` (hat matrix)."""
-    n = f.shape[0]
-    y = y.reshape(n, -1).double()
-    a = torch.cat([f, torch.ones(n, 1, dtype=f.dtype)], 1)
+    """Train R^2 and leave-one-out normalised MSE of a ridge regression of ``y`` on ``f`` (hat matrix).
+
+    In float64 numpy: for few-shot sizes (n x n systems) each torch op would cost more in
+    dispatch than in arithmetic.
+    """
+    a = f.detach().double().numpy()
+    n = a.shape[0]
+    y = y.detach().reshape(n, -1).double().numpy()
+    a = np.concatenate([a, np.ones((n, 1))], 1)
     gram = a @ a.T  # kernel form: n x n, cheap for few-shot sizes
     lam = ridge * float(gram.diagonal().mean()) + 1e-9
-    hat = gram @ torch.linalg.inv(gram + lam * torch.eye(n, dtype=f.dtype))
-    resid = y - hat @ y
-    var = y.var(0, unbiased=False).sum() + _EPS
-    r2 = 1.0 - resid.pow(2).sum(1).mean() / var
-    loo = resid / (1.0 - hat.diagonal()).clamp_min(1e-6)[:, None]
-    return {"ridge_r2": float(r2), "loo_nmse": float(loo.pow(2).sum(1).mean() / var)}
+    with np.errstate(all="ignore"):
+        try:
+            hat = gram @ np.linalg.inv(gram + lam * np.eye(n))
+        except np.linalg.LinAlgError:  # a singular or non-finite system: no fit
+            return {"ridge_r2": math.nan, "loo_nmse": math.nan}
+        resid = y - hat @ y
+        var = y.var(0).sum() + _EPS
+        r2 = 1.0 - (resid ** 2).sum(1).mean() / var
+        loo = resid / np.maximum(1.0 - hat.diagonal(), 1e-6)[:, None]
+        return {"ridge_r2": float(r2), "loo_nmse": float((loo ** 2).sum(1).mean() / var)}
 
 
 def memory_features(memory, embedding: np.ndarray | None, k: int = 5) -> dict[str, float]:
