@@ -21,6 +21,14 @@ Per task (:meth:`Agent.step`):
 The failure probability ``p_fail`` is the difficulty estimate until the River failure predictor
 is wired in (the :class:`Policy` seam is where the River selector goes).
 
+Micro-batches (:meth:`Agent.step_many`; the daemon hands over up to ``agent.micro_batch``
+waiting tasks at once) are answered from the agent's state at the batch start: steps 1-3 run
+for every task first (the pre-features' forward and backward passes vmapped over the batch),
+then the tasks on the plain path (one member) that share an algorithm and shapes are adapted
+together, in lockstep under ``torch.func.vmap`` (:mod:`agent.batch`; each task takes exactly the
+guarded steps it would take alone), then each task is answered in order, and only then are the
+labelled ones learned from, in order. A batch of one is exactly :meth:`Agent.step`.
+
 Examples
 --------
 A plain Python loop (the README's embedded use):
