@@ -660,11 +660,12 @@ class Agent:
         return task.to_tensors()
 
     def _features(self, tts: Sequence[TaskTensors]) -> tuple[list[dict], list[tuple | None]]:
-        # A micro-batch's initial losses, gradient norms and support features in one vmapped pass
-        # per shape (agent.batch.start_batch); one task, or a model that cannot vmap: task by task.
+        # Initial losses, gradient norms and support features (agent.batch.start_batch): one
+        # vmapped pass per shape over a micro-batch, plain autograd for a task alone; the
+        # pre-features and the memory embedding reuse them instead of running the model again.
         alg = self.learner
         pre: list = [None] * len(tts)
-        if len(tts) > 1 and batchable(alg):
+        if batchable(alg) or len(tts) == 1:
             try:
                 pre = start_batch(alg, self.meta, tts, grad=self.config.failure.grad_features)
             except Exception:  # noqa: BLE001 - an exotic model under vmap: fall back to the loop
@@ -800,6 +801,8 @@ class Agent:
         spent = res.steps
         p_fail, action = feats["difficulty"], "none"
         if fc.enabled:
+            if probe is None and alg is self.learner:
+                probe = {"init_loss": feats["init_loss"]}  # the same support loss at the meta-parameters
             probe = probe_features(alg, self.meta, tt, state=res.state, **(probe or {}))
             p_post, action = intel.post(task.id, x, probe, plan)
             if plan.warm:

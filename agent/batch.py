@@ -334,8 +334,9 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
     under ``params.*``/``buffers.*``) and :func:`agent.online.features._init_loss_and_grad` (the
     support loss of ``algorithm.start`` and the L2 norm of its gradient with respect to every
     floating ``params.*`` entry), up to float rounding, for tasks of one :func:`shape_key`, in one
-    vmapped call; other tasks one by one. Without ``grad`` the norm is NaN and no backward runs.
-    Needs :func:`batchable`.
+    vmapped call when :func:`batchable`; a task alone (or any task of an algorithm that cannot be
+    batched) by plain autograd, exactly as those functions compute it. Without ``grad`` the norm
+    is NaN and no backward runs.
 
     Examples
     --------
@@ -380,6 +381,10 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
             f = embed(model, subdict(m, "params.") or dict(m), subdict(m, "buffers."), x)
             return f, loss, sq
 
+        if len(idx) == 1 or not batchable(algorithm):
+            for i in idx:
+                out[i] = _start_one(algorithm, shared, rest, tasks[i], grad)
+            continue
         sx = torch.stack([tasks[i].support_x for i in idx])
         sy = torch.stack([tasks[i].support_y for i in idx])
         with torch.no_grad():
@@ -387,3 +392,22 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
         for j, (i, lv, sv) in enumerate(zip(idx, loss.tolist(), sq.tolist())):
             out[i] = (f[j], lv, math.sqrt(sv) if sv == sv else math.nan)
     return out
+
+
+def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors, grad: bool) -> tuple[Tensor, float, float]:
+    """:func:`start_batch` for one task, without vmap (the computation of ``_init_loss_and_grad``)."""
+    with torch.enable_grad() if grad else torch.no_grad():
+        p = {k: v.detach().requires_grad_(grad) for k, v in shared.items()}
+        m = {**rest, **p}
+        loss = algorithm.support_loss(m, algorithm.start(m, task), task)
+        gnorm = math.nan
+        if grad:
+            inputs = list(p.values())
+            if inputs and loss.requires_grad:
+                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+                gnorm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+            else:
+                gnorm = 0.0
+    with torch.no_grad():
+        f = embed(algorithm.model, subdict(m, "params.") or dict(m), subdict(m, "buffers."), task.support_x)
+    return f, float(loss.detach()), gnorm

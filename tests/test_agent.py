@@ -227,9 +227,9 @@ def _count_embeddings(agent, monkeypatch):
     calls = []
     real = agent._embedding
 
-    def counting(tt):
+    def counting(tt, *features):
         calls.append(1)
-        return real(tt)
+        return real(tt, *features)
 
     monkeypatch.setattr(agent, "_embedding", counting)
     return calls
@@ -267,8 +267,8 @@ def test_lazy_embedding_changes_nothing(monkeypatch):
         if eager:
             init = agent_module._LazyEmbedding.__init__
 
-            def eager_init(self, agent, tt):
-                init(self, agent, tt)
+            def eager_init(self, agent, tt, *features):
+                init(self, agent, tt, *features)
                 self()
 
             monkeypatch.setattr(agent_module._LazyEmbedding, "__init__", eager_init)
