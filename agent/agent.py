@@ -524,7 +524,7 @@ class Agent:
         received = time.perf_counter() if received is None else received
         prepared = self._prepare(tasks)
         if len(tasks) == 1:
-            return [self._answer(tasks[0], prepared[0][0], prepared[0][1], received)]
+            return [self._answer(tasks[0], *prepared[0][:2], received, prepared[0][2])]
         results = self._answer_batch([(t, *p) for t, p in zip(tasks, prepared)], received)
         for r in results:
             if isinstance(r, BaseException):
@@ -593,7 +593,7 @@ class Agent:
                     out[i] = self._guarded(lambda t=t: [self._step_batch([t], received)[0].to_dict()], t.id,
                                            registered=True)
                 else:
-                    out[i] = self._guarded(lambda t=t, p=p: [self._answer(t, p[0], p[1], received).to_dict()], t.id,
+                    out[i] = self._guarded(lambda t=t, p=p: [self._answer(t, p[0], p[1], received, p[2]).to_dict()], t.id,
                                            registered=True)
             batch.clear()
 
@@ -749,9 +749,9 @@ class Agent:
                 results[k] = e
         return results
 
-    def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float) -> Outcome:
+    def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float, pre: tuple | None = None) -> Outcome:
         """Plan, adapt and finish one task (learning from inline labels at once)."""
-        job = self._plan_task(task, tt, feats)
+        job = self._plan_task(task, tt, feats, pre)
         t0 = time.perf_counter()
         res = self._adapt(job.alg, tt, job.budget, job.embedding)
         return self._finish(job, res, time.perf_counter() - t0, received)[0]
