@@ -534,9 +534,9 @@ class Agent:
     def _prepare(self, tasks: Sequence[Task]) -> list[tuple[TaskTensors, dict, tuple | None]]:
         """Checks and features; changes no state, so a failure here leaves the agent as it was.
 
-        Per task: its tensors, its features (:func:`task_features`) and, for a batch computed in
-        one vmapped pass, ``(support features, initial loss, gradient norm)`` at the
-        meta-parameters (:func:`agent.batch.start_batch`; ``None`` otherwise).
+        Per task: its tensors, its features (:func:`task_features`) and ``(support features,
+        initial loss, gradient norm)`` at the meta-parameters (:func:`agent.batch.start_batch`,
+        one vmapped pass per shape for a batch; ``None`` where that pass could not run).
         """
         tts = [self._check(t) for t in tasks]
         feats, pre = self._features(tts)
