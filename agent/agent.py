@@ -706,7 +706,7 @@ class Agent:
         groups: dict[tuple, list[tuple[int, _Job]]] = {}
         for k, job in jobs:
             if job.budget.members == 1 and batchable(job.alg):
-                key = (id(job.alg), shape_key(job.tt), tuple(job.tt.query_x.shape))
+                key = (id(job.alg), shape_key(job.tt))  # query sizes may differ: predict_batch groups them
                 groups.setdefault(key, []).append((k, job))
         done: dict[int, tuple[_Adapted, float]] = {}
         cc = self.config.compute
