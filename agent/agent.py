@@ -25,6 +25,14 @@ Per task (:meth:`Agent.step`):
 The failure probability ``p_fail`` is the difficulty estimate until the River failure predictor
 is wired in (the :class:`Policy` seam is where the River selector goes).
 
+Micro-batches (:meth:`Agent.step_many`; the daemon hands over up to ``agent.micro_batch``
+waiting tasks at once) are answered from the agent's state at the batch start: steps 1-3 run
+for every task first (the pre-features' forward and backward passes vmapped over the batch),
+then the tasks on the plain path (one member) that share an algorithm and shapes are adapted
+together, in lockstep under ``torch.func.vmap`` (:mod:`agent.batch`; each task takes exactly the
+guarded steps it would take alone), then each task is answered in order, and only then are the
+labelled ones learned from, in order. A batch of one is exactly :meth:`Agent.step`.
+
 Examples
 --------
 A plain Python loop (the README's embedded use):
@@ -65,6 +73,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import checkpoint as ckpt
 from agent.algorithms import Algorithm, TaskTensors, build
+from agent.batch import batchable, embed_batch, guarded_adapt_batch, predict_batch, shape_key, start_batch
 from agent.compute import Budget, TokenBucket, choose_budget, ensemble_predict, guarded_adapt, overlay
 from agent.config import Config, load as load_config
 from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
@@ -298,6 +307,51 @@ class _Adapted:
     flags: list
 
 
+@dataclass
+class _Job:
+    """One task planned for adaptation (see :meth:`Agent._plan_task`)."""
+
+    task: Task
+    tt: TaskTensors
+    feats: dict
+    embedding: "_LazyEmbedding"
+    x: dict
+    plan: Plan
+    arm: int
+    alg: Algorithm
+    p_budget: float
+    budget: Budget
+    flags: list
+
+
+def _outcome_or_raise(r: "Outcome | BaseException") -> list[dict]:
+    if isinstance(r, BaseException):
+        raise r
+    return [r.to_dict()]
+
+
+def _features_from_loss(tt: TaskTensors, loss: float) -> dict[str, float]:
+    """:func:`task_features` of a task whose initial support loss is known."""
+    n = int(tt.support_x.shape[0])
+    if tt.kind == CLASSIFICATION:
+        scale, shots, nw = math.log(max(int(tt.n_way), 2)), n / int(tt.n_way), float(tt.n_way)
+    else:
+        scale, shots, nw = (float(tt.support_y.float().var(unbiased=False)) if n > 1 else 1.0), n, 0.0
+    norm = loss / max(scale, 1e-6) if math.isfinite(loss) else math.inf
+    return {"n_support": float(n), "n_way": nw, "shots": float(shots),
+            "n_query": float(tt.query_x.shape[0]), "init_loss": loss, "norm_init_loss": norm}
+
+
+def _plain_result(tt: TaskTensors, state, trace, out: torch.Tensor) -> _Adapted:
+    """What :meth:`Agent._adapt` makes of one guarded adaptation and its query output."""
+    out = out.double()
+    conf = None
+    if tt.kind == CLASSIFICATION:
+        out = torch.softmax(out[..., : int(tt.n_way)], dim=-1)
+        conf = out.max(dim=-1).values
+    return _Adapted(state, out, conf, trace.step_calls, trace.diverged, 1, ["backtracked"] if trace.backtracks else [])
+
+
 class _LazyEmbedding:
     """A task's memory embedding (:meth:`Agent._embedding`), computed on the first call only.
 
@@ -306,14 +360,15 @@ class _LazyEmbedding:
     never pay for it, and none pays twice.
     """
 
-    __slots__ = ("_agent", "_tt", "_done", "_value")
+    __slots__ = ("_agent", "_tt", "_done", "_value", "_features")
 
-    def __init__(self, agent: "Agent", tt: TaskTensors):
-        self._agent, self._tt, self._done, self._value = agent, tt, False, None
+    def __init__(self, agent: "Agent", tt: TaskTensors, features: torch.Tensor | None = None):
+        self._agent, self._tt, self._done, self._value, self._features = agent, tt, False, None, features
 
     def __call__(self) -> np.ndarray | None:
         if not self._done:
-            self._value, self._done = self._agent._embedding(self._tt), True
+            self._value, self._done = self._agent._embedding(self._tt, self._features), True
+            self._features = None
         return self._value
 
 
@@ -495,11 +550,17 @@ class Agent:
         return self.step_many([task], received=received)[0]
 
     def step_many(self, tasks: Sequence[Task], *, received: float | None = None) -> list[Outcome]:
-        """Answer several waiting tasks (a micro-batch); the same results as stepping each.
+        """Answer several waiting tasks (a micro-batch) together.
 
         Tasks are checked first (ids not seen before, shapes that fit the model), so one that
         does not fit raises :class:`~agent.task.TaskError` before any is answered. The tasks'
-        initial losses are computed in one vmapped call when the model allows it.
+        initial losses are computed in one vmapped call when the model allows it, and tasks on
+        the plain path (one member) of one algorithm and shape are adapted together in lockstep
+        under vmap (:func:`agent.batch.guarded_adapt_batch`: per task, the same guarded steps as
+        alone). Every answer of the batch comes from the agent's state at the batch start;
+        learning from inline labels follows, in order, after all are answered (see
+        :meth:`_answer_batch`). One task is exactly :meth:`step`. An internal error on one task
+        is raised after the others were answered.
         """
         added = []
         try:
@@ -518,12 +579,24 @@ class Agent:
     def _step_batch(self, tasks: Sequence[Task], received: float | None) -> list[Outcome]:
         received = time.perf_counter() if received is None else received
         prepared = self._prepare(tasks)
-        return [self._answer(t, tt, f, received) for t, (tt, f) in zip(tasks, prepared)]
+        if len(tasks) == 1:
+            return [self._answer(tasks[0], *prepared[0][:2], received, prepared[0][2])]
+        results = self._answer_batch([(t, *p) for t, p in zip(tasks, prepared)], received)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
 
-    def _prepare(self, tasks: Sequence[Task]) -> list[tuple[TaskTensors, dict]]:
-        """Checks and features; changes no state, so a failure here leaves the agent as it was."""
+    def _prepare(self, tasks: Sequence[Task]) -> list[tuple[TaskTensors, dict, tuple | None]]:
+        """Checks and features; changes no state, so a failure here leaves the agent as it was.
+
+        Per task: its tensors, its features (:func:`task_features`) and ``(support features,
+        initial loss, gradient norm)`` at the meta-parameters (:func:`agent.batch.start_batch`,
+        one vmapped pass per shape for a batch; ``None`` where that pass could not run).
+        """
         tts = [self._check(t) for t in tasks]
-        return list(zip(tts, self._features(tts)))
+        feats, pre = self._features(tts)
+        return list(zip(tts, feats, pre))
 
     def feedback(self, task_id: str, y: Any) -> dict | None:
         """Labels for a task answered earlier: score it and learn from it.
@@ -565,12 +638,18 @@ class Agent:
                 prepared = self._prepare([t for _, t in batch])  # ids were registered by the parser
             except Exception:  # noqa: BLE001 - one did not fit: prepare them one by one
                 prepared = [None] * len(batch)
+            if len(batch) > 1 and all(p is not None for p in prepared):
+                results = self._answer_batch([(t, *p) for (_, t), p in zip(batch, prepared)], received)
+                for (i, t), r in zip(batch, results):
+                    out[i] = self._guarded(lambda r=r: _outcome_or_raise(r), t.id, registered=True)
+                batch.clear()
+                return
             for (i, t), p in zip(batch, prepared):
                 if p is None:
                     out[i] = self._guarded(lambda t=t: [self._step_batch([t], received)[0].to_dict()], t.id,
                                            registered=True)
                 else:
-                    out[i] = self._guarded(lambda t=t, p=p: [self._answer(t, p[0], p[1], received).to_dict()], t.id,
+                    out[i] = self._guarded(lambda t=t, p=p: [self._answer(t, p[0], p[1], received, p[2]).to_dict()], t.id,
                                            registered=True)
             batch.clear()
 
@@ -636,49 +715,124 @@ class Agent:
             raise
         return task.to_tensors()
 
-    def _features(self, tts: Sequence[TaskTensors]) -> list[dict]:
-        # Initial support losses of a micro-batch in one vmapped forward when shapes agree.
-        out = [None] * len(tts)
-        if len(tts) > 1 and self.model.vmappable and all(self.learner.can_vmap([tts[0], t]) for t in tts[1:]):
-            alg = self.algorithms[self.config.agent.default_arm]
-            if alg.iterative:
-                try:
-                    out = self._batched_features(alg, tts)
-                except Exception:  # noqa: BLE001 - an exotic model under vmap: fall back to the loop
-                    out = [None] * len(tts)
-        return [f if f is not None else task_features(self.algorithms[self.config.agent.default_arm], self.meta, tt)
-                for f, tt in zip(out, tts)]
+    def _features(self, tts: Sequence[TaskTensors]) -> tuple[list[dict], list[tuple | None]]:
+        # Initial losses, gradient norms and support features (agent.batch.start_batch): one
+        # vmapped pass per shape over a micro-batch, plain autograd for a task alone; the
+        # pre-features and the memory embedding reuse them instead of running the model again.
+        alg = self.learner
+        pre: list = [None] * len(tts)
+        if batchable(alg) or len(tts) == 1:
+            try:
+                pre = start_batch(alg, self.meta, tts, grad=self.config.failure.grad_features)
+            except Exception:  # noqa: BLE001 - an exotic model under vmap: fall back to the loop
+                log.exception("batched features failed; computing them task by task")
+                pre = [None] * len(tts)
+        feats = [task_features(alg, self.meta, tt) if p is None else _features_from_loss(tt, p[1]) for p, tt in zip(pre, tts)]
+        return feats, pre
 
-    def _batched_features(self, alg: Algorithm, tts: Sequence[TaskTensors]) -> list[dict]:
-        sx = torch.stack([t.support_x for t in tts])
-        sy = torch.stack([t.support_y for t in tts])
-        kind, n_way = tts[0].kind, tts[0].n_way
-        meta = self.meta
+    def _answer_batch(self, items: Sequence[tuple[Task, TaskTensors, dict, tuple | None]],
+                      received: float) -> list["Outcome | BaseException"]:
+        """Answer a micro-batch: plan every task, adapt groups together, finish, then learn.
 
-        def one(x, y):
-            t = TaskTensors(x, y, x, None, kind, n_way)
-            return alg.support_loss(meta, alg.start(meta, t), t)
+        1. Every task is planned in order (:meth:`_plan_task`: difficulty, pre-features, arm and
+           budget) before any is adapted, so planning sees the agent as it was at the batch start
+           (token bucket, memory, failure predictor, selector), except for the running difficulty
+           statistics and the plan's own bookkeeping, which advance task by task as in a loop.
+        2. Tasks on the plain path (one ensemble member) whose algorithm and model can be batched
+           (:func:`agent.batch.batchable`) are grouped by algorithm and shapes, and each group is
+           adapted by :func:`agent.batch.guarded_adapt_batch` (each task gets exactly what
+           :func:`~agent.compute.guarded_adapt` gives it alone) and predicted in one vmapped call.
+           Other tasks use :meth:`_adapt` one by one. A group that raises falls back to that too.
+        3. Each task is finished in order (:meth:`_finish`: probe and post action, outcome,
+           metrics, pending entry) with the meta-parameters of the batch start.
+        4. Tasks with inline labels are learned from, in order (memory, online learners, online
+           meta-updates), only after every task of the batch was answered.
 
-        with torch.no_grad():
-            losses = torch.func.vmap(one)(sx, sy).tolist()
-        feats = []
-        for tt, loss in zip(tts, losses):
-            n = int(tt.support_x.shape[0])
-            if tt.kind == CLASSIFICATION:
-                scale, shots, nw = math.log(max(int(tt.n_way), 2)), n / int(tt.n_way), float(tt.n_way)
-            else:
-                scale, shots, nw = (float(tt.support_y.float().var(unbiased=False)) if n > 1 else 1.0), n, 0.0
-            norm = loss / max(scale, 1e-6) if math.isfinite(loss) else math.inf
-            feats.append({"n_support": float(n), "n_way": nw, "shots": float(shots),
-                          "n_query": float(tt.query_x.shape[0]), "init_loss": loss, "norm_init_loss": norm})
-        return feats
+        So every answer of a micro-batch comes from the state at the batch start; learning from
+        the batch shows in the next one. Returns an :class:`Outcome` or the exception raised for
+        each task, in order.
+        """
+        results: list = [None] * len(items)
+        jobs: list[tuple[int, _Job]] = []
+        for k, (task, tt, feats, pre) in enumerate(items):
+            try:
+                jobs.append((k, self._plan_task(task, tt, feats, pre)))
+            except Exception as e:  # noqa: BLE001 - reported for this task only
+                results[k] = e
+        groups: dict[tuple, list[tuple[int, _Job]]] = {}
+        for k, job in jobs:
+            if job.budget.members == 1 and batchable(job.alg):
+                key = (id(job.alg), shape_key(job.tt))  # query sizes may differ: predict_batch groups them
+                groups.setdefault(key, []).append((k, job))
+        done: dict[int, tuple[_Adapted, float]] = {}
+        done_traces: dict[int, Any] = {}
+        cc = self.config.compute
+        warm = self.memory is not None and len(self.memory) > 0 and self.config.memory.warm_start == "select"
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            alg = members[0][1].alg
+            t0 = time.perf_counter()
+            try:
+                pairs = guarded_adapt_batch(alg, self.meta, [j.tt for _, j in members], [j.budget.steps for _, j in members],
+                                            **cc.guard_kwargs())
+                outs = predict_batch(alg, self.meta, [s for s, _ in pairs], [j.tt.query_x for _, j in members])
+                feats = embed_batch(alg, self.meta, [s for s, _ in pairs], [j.tt.support_x for _, j in members]) \
+                    if self.config.failure.enabled else [None] * len(members)
+            except Exception:  # noqa: BLE001 - e.g. a model that does not vmap: adapt these one by one
+                log.exception("batched adaptation failed; adapting %d tasks one by one", len(members))
+                continue
+            share = (time.perf_counter() - t0) / len(members)
+            for (k, job), (state, trace), out, f in zip(members, pairs, outs, feats):
+                probe = {"init_loss": trace.losses[0], "probe_loss": trace.best_loss, "features": f}
+                done[k] = (_plain_result(job.tt, state, trace, out), share, probe)
+                done_traces[k] = trace
+        learn: list[tuple[int, _Job, _Pending]] = []
+        for k, job in jobs:
+            try:
+                if k in done:
+                    res, adapt_s, probe = done[k]
+                    if warm:  # memory warm starts (select) for this task, after its batched meta-init run
+                        t0 = time.perf_counter()
+                        res = self._adapt(job.alg, job.tt, job.budget, job.embedding, first=(res.state, done_traces[k]))
+                        adapt_s += time.perf_counter() - t0
+                        if "warm_start" in res.flags:
+                            probe = None  # the answering state is not the batched one
+                else:
+                    t0 = time.perf_counter()
+                    res = self._adapt(job.alg, job.tt, job.budget, job.embedding)
+                    adapt_s, probe = time.perf_counter() - t0, None
+                results[k], entry = self._finish(job, res, adapt_s, received, learn=False, probe=probe)
+                if entry is not None:
+                    learn.append((k, job, entry))
+            except Exception as e:  # noqa: BLE001
+                results[k] = e
+        for k, job, entry in learn:
+            try:
+                self._learn(job.task, job.tt, entry)
+            except Exception as e:  # noqa: BLE001 - the answer is not sent when learning from it failed
+                results[k] = e
+        return results
 
-    def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float) -> Outcome:
+    def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float, pre: tuple | None = None) -> Outcome:
+        """Plan, adapt and finish one task (learning from inline labels at once)."""
+        job = self._plan_task(task, tt, feats, pre)
+        t0 = time.perf_counter()
+        res = self._adapt(job.alg, tt, job.budget, job.embedding)
+        return self._finish(job, res, time.perf_counter() - t0, received)[0]
+
+    def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None) -> "_Job":
+        """Difficulty, pre-features, the plan, arm, algorithm and budget of one task.
+
+        ``pre``: ``(support features, initial loss, gradient norm)`` at the meta-parameters from a
+        batched pass over the micro-batch (:func:`agent.batch.start_batch`); computed here otherwise.
+        """
         m, intel, fc = self.metrics, self.intel, self.config.failure
         difficulty = self.difficulty.update(feats)
         feats = dict(feats, difficulty=difficulty)
-        embedding = _LazyEmbedding(self, tt)  # computed when memory is searched or written, once
-        x = self._pre_features(tt, feats, embedding)
+        # computed when memory is searched or written, once
+        embedding = _LazyEmbedding(self, tt, None if pre is None else pre[0])
+        x = self._pre_features(tt, feats, embedding, pre)
         plan = intel.plan(task.id, x)
         for e in plan.drift:  # input drift: seen in the features, before any label
             m.drift_events.labels(signal=e.signal, detector=e.detector).inc()
@@ -694,13 +848,29 @@ class Agent:
             flags.append("widened")
         if str(plan.arm) in intel.reward_n:
             m.selector_pulls.labels(arm=str(plan.arm)).inc()
+        return _Job(task, tt, feats, embedding, x, plan, arm, alg, p_budget, budget, flags)
 
-        t0 = time.perf_counter()
-        res = self._adapt(alg, tt, budget, embedding)
+    def _finish(self, job: "_Job", res: _Adapted, adapt_s: float, received: float, *,
+                learn: bool = True, probe: Mapping[str, Any] | None = None) -> tuple[Outcome, _Pending | None]:
+        """Probe and post action, the outcome, metrics, and learning or the pending entry.
+
+        ``adapt_s``: seconds the adaptation took (the probe and any re-answer are added).
+        ``probe``: what a batched pass knows of the probe already (``init_loss``, ``probe_loss``,
+        ``features``; see :func:`~agent.online.features.probe_features`). With
+        ``learn`` false a task with inline labels is not learned from here: its pending entry is
+        returned (with the embedding of the meta state that answered) for :meth:`_learn` later.
+        """
+        m, intel, fc = self.metrics, self.intel, self.config.failure
+        task, tt, feats, embedding, x, plan = job.task, job.tt, job.feats, job.embedding, job.x, job.plan
+        arm, alg, p_budget, budget = job.arm, job.alg, job.p_budget, job.budget
+        flags = list(job.flags)
+        t0 = time.perf_counter() - adapt_s
         spent = res.steps
-        p_fail, action = difficulty, "none"
+        p_fail, action = feats["difficulty"], "none"
         if fc.enabled:
-            probe = probe_features(alg, self.meta, tt, state=res.state)
+            if probe is None and alg is self.learner:
+                probe = {"init_loss": feats["init_loss"]}  # the same support loss at the meta-parameters
+            probe = probe_features(alg, self.meta, tt, state=res.state, **(probe or {}))
             p_post, action = intel.post(task.id, x, probe, plan)
             if plan.warm:
                 p_fail = p_post
@@ -747,6 +917,9 @@ class Agent:
         entry = _Pending(task, self._arm_index.get(alg.name, arm), feats, predictions, budget.to_dict(), None,
                          self._compact(res.state), self.clock(), online)
         if task.query_y is not None:
+            if not learn:
+                entry.embedding = embedding() if self.memory is not None else None
+                return outcome, entry
             self._learn(task, tt, entry, embedding=embedding)  # the meta state is unchanged since the answer
         else:
             # Labels come later, after online updates may have changed the meta state: the
@@ -758,25 +931,31 @@ class Agent:
                 self.pending.popitem(last=False)
                 self._expired("capacity")
             m.feedback_pending.set(len(self.pending))
-        return outcome
+        return outcome, None
 
     # -- internals: the online intelligence's wiring -------------------------------------------
-    def _embedding(self, tt: TaskTensors) -> np.ndarray | None:
-        """The task's memory embedding (default algorithm), or ``None`` without memory or when degenerate."""
+    def _embedding(self, tt: TaskTensors, features: torch.Tensor | None = None) -> np.ndarray | None:
+        """The task's memory embedding (default algorithm), or ``None`` without memory or when degenerate.
+
+        ``features``: the support features under the meta-parameters, when a batched pass has them."""
         if self.memory is None:
             return None
-        emb = task_embedding(self.learner, self.meta, tt, projection=self.projection)
+        emb = task_embedding(self.learner, self.meta, tt, projection=self.projection, features=features)
         return emb if np.isfinite(emb).all() and np.any(emb) else None
 
-    def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding: "_LazyEmbedding") -> dict[str, float]:
+    def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding: "_LazyEmbedding",
+                      pre: tuple | None = None) -> dict[str, float]:
         """:func:`~agent.online.features.pre_features` plus the difficulty (a cold-start prior).
 
         Memory is searched (and the embedding computed) only when it holds entries: an empty or
-        disabled memory gives the same "no neighbours" features without one.
+        disabled memory gives the same "no neighbours" features without one. ``pre``: support
+        features, initial loss and gradient norm from a batched pass (:func:`agent.batch.start_batch`).
         """
         emb = embedding() if self.memory is not None and len(self.memory) else None
+        grad = self.config.failure.grad_features
         x = pre_features(self.learner, self.meta, tt, self.memory if emb is not None else None,
-                         embedding=emb, k=self.config.memory.k, loss_and_grad=self.config.failure.grad_features)
+                         embedding=emb, k=self.config.memory.k, loss_and_grad=grad,
+                         features=None if pre is None else pre[0], init=None if pre is None or not grad else pre[1:])
         x["difficulty"] = feats["difficulty"]
         x["log_norm_init_loss"] = math.log(max(feats["norm_init_loss"], 1e-12)) if math.isfinite(feats["norm_init_loss"]) \
             else math.nan
@@ -859,8 +1038,12 @@ class Agent:
         self.metrics.memory_retrieval_seconds.observe(time.perf_counter() - t0)
         return neighbours
 
-    def _adapt(self, alg: Algorithm, tt: TaskTensors, budget: Budget, embedding) -> _Adapted:
+    def _adapt(self, alg: Algorithm, tt: TaskTensors, budget: Budget, embedding,
+               first: tuple | None = None) -> _Adapted:
         """Guarded adaptation from the meta-initialisation, plus warm starts from memory.
+
+        ``first``: the meta-initialisation's ``(state, trace)`` when it was already adapted (a
+        micro-batch, :func:`agent.batch.guarded_adapt_batch`); only the warm starts run here then.
 
         ``memory.warm_start`` ``select`` (see :class:`~agent.config.MemoryConfig`): the
         meta-initialisation is adapted exactly as without memory; a neighbour's stored state is a
@@ -884,7 +1067,7 @@ class Agent:
                 m.memory_hits.inc(len(inits) - 1)
                 return _Adapted(res.members[res.best], res.prediction, res.confidence, res.step_calls,
                                 any(tr.diverged for tr in res.traces), len(inits), ["ensemble"])
-        state, trace = guarded_adapt(alg, self.meta, tt, budget.steps, **guard)
+        state, trace = guarded_adapt(alg, self.meta, tt, budget.steps, **guard) if first is None else first
         meta, calls, diverged, members, flags = self.meta, trace.step_calls, trace.diverged, 1, []
         if trace.backtracks:
             flags.append("backtracked")

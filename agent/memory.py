@@ -79,7 +79,8 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
 
 def task_embedding(algorithm_or_model: Any, meta: Mapping[str, torch.Tensor], task: TaskTensors, *,
                    projection: np.ndarray | None = None,
-                   block_weights: tuple[float, float, float] = (1.0, 1.0, 0.5), ridge: float = 0.01) -> np.ndarray:
+                   block_weights: tuple[float, float, float] = (1.0, 1.0, 0.5), ridge: float = 0.01,
+                   features: torch.Tensor | None = None) -> np.ndarray:
     """An L2-normalised float32 vector describing a task by its support set.
 
     Three blocks, each normalised to unit length and then weighted by ``block_weights``:
@@ -105,6 +106,9 @@ def task_embedding(algorithm_or_model: Any, meta: Mapping[str, torch.Tensor], ta
         A meta state (``params.*``, ``buffers.*``) or a plain parameter dict.
     task
         The task; only the support set is read.
+    features
+        The backbone's features of the support inputs under ``meta``, when the caller has them
+        already (a batched forward); computed here otherwise.
 
     Examples
     --------
@@ -124,7 +128,7 @@ def task_embedding(algorithm_or_model: Any, meta: Mapping[str, torch.Tensor], ta
         params = dict(meta)
     buffers = subdict(meta, "buffers.")
     with torch.no_grad():
-        f = embed(model, params, buffers, task.support_x).double()
+        f = (embed(model, params, buffers, task.support_x) if features is None else features).double()
         f = f.reshape(f.shape[0], -1)
         n = f.shape[0]
         mean = f.mean(0)

@@ -227,9 +227,9 @@ def _count_embeddings(agent, monkeypatch):
     calls = []
     real = agent._embedding
 
-    def counting(tt):
+    def counting(tt, *features):
         calls.append(1)
-        return real(tt)
+        return real(tt, *features)
 
     monkeypatch.setattr(agent, "_embedding", counting)
     return calls
@@ -267,8 +267,8 @@ def test_lazy_embedding_changes_nothing(monkeypatch):
         if eager:
             init = agent_module._LazyEmbedding.__init__
 
-            def eager_init(self, agent, tt):
-                init(self, agent, tt)
+            def eager_init(self, agent, tt, *features):
+                init(self, agent, tt, *features)
                 self()
 
             monkeypatch.setattr(agent_module._LazyEmbedding, "__init__", eager_init)
@@ -329,3 +329,155 @@ def test_memory_bytes_gauge_does_not_scan_the_bank(monkeypatch):
     assert scans == [] and len(agent.memory) == 20
     monkeypatch.undo()
     assert agent.registry.get_sample_value("metaagent_memory_bytes") == agent.memory.nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches: tasks adapted together (agent.batch), answers from the state at the batch start
+# ---------------------------------------------------------------------------------------------
+# Nothing learned between tasks changes an answer here (no memory, online learning, failure
+# predictor or drift widening; a fixed 5-step budget): a batch must answer as a loop does.
+STATIC = {"model": {"arch": "mlp", "hidden": [16, 16]},
+          "agent": {"in_shape": [1], "out_dim": 1, "arms": [{"algorithm": "maml", "inner_lr": 0.2, "budget": 1}]},
+          "compute": {"levels": [[1, 1], [5, 1], [10, 2]], "rate_per_s": 1e9, "capacity": 1e9},
+          "memory": {"enabled": False}, "online": {"enabled": False}, "failure": {"enabled": False},
+          "drift": {"enabled": False}}
+
+
+def _count_batches(monkeypatch):
+    import agent.batch as batch
+
+    calls = []
+    real = batch._guard_batch
+
+    def counting(alg, meta, tasks, *a, **k):
+        calls.append(len(tasks))
+        return real(alg, meta, tasks, *a, **k)
+
+    monkeypatch.setattr(batch, "_guard_batch", counting)
+    return calls
+
+
+def test_step_many_adapts_together_and_answers_as_a_loop(monkeypatch):
+    calls = _count_batches(monkeypatch)
+    rng = np.random.default_rng(11)
+    tasks = [sine_task(rng, i, q=8 + i % 3) for i in range(8)] + [sine_task(rng, 8 + i, k=6) for i in range(3)]
+    batched = Agent.from_config(STATIC).step_many(tasks)
+    assert sorted(calls) == [3, 8]  # two support shapes: two lockstep groups (query sizes may differ)
+    calls.clear()
+    single = Agent.from_config(STATIC)
+    looped = [single.step(t) for t in tasks]
+    assert not calls
+    assert any("backtracked" in o.flags for o in looped)
+    for a, b in zip(batched, looped):
+        assert (a.id, a.inner_steps, a.budget, a.flags, a.algorithm) == (b.id, b.inner_steps, b.budget, b.flags, b.algorithm)
+        np.testing.assert_allclose(np.asarray(a.predictions), np.asarray(b.predictions), rtol=1e-4, atol=1e-5)
+
+
+def test_handle_records_batches_and_micro_batch_one_is_step(monkeypatch):
+    calls = _count_batches(monkeypatch)
+    rng = np.random.default_rng(12)
+    tasks = [sine_task(rng, i) for i in range(10)]
+    cfg = {**SMALL, "agent": {**SMALL["agent"], "micro_batch": 1}}
+    one = Agent.from_config(cfg)
+    outs = one.handle_records([line(t) for t in tasks])
+    assert not calls  # micro-batch 1: the per-task path
+    ref = Agent.from_config(SMALL)
+    for o, t in zip(outs, tasks):
+        r = ref.step(t).to_dict()
+        assert {k: v for k, v in o[0].items() if k != "latency_ms"} == {k: v for k, v in r.items() if k != "latency_ms"}
+    assert {**one.counters, "records": 0} == ref.counters and len(one.memory) == len(ref.memory)
+    five = Agent.from_config({**SMALL, "agent": {**SMALL["agent"], "micro_batch": 5}})
+    outs = five.handle_records([line(t) for t in tasks])
+    assert calls and all("predictions" in o[0] for o in outs)
+    assert five.counters["labelled"] == 10 and five.counters["online_updates"] == 10
+
+
+def test_batch_answers_from_the_state_at_its_start_then_learns_in_order():
+    # Online meta-learning on: the second task of a batch is answered with the meta-parameters
+    # of the batch start (the first task's update comes after every answer), and every task is
+    # learned from, in order, with the embedding of the state that answered it.
+    rng = np.random.default_rng(13)
+    tasks = [sine_task(rng, i) for i in range(6)]
+    live = Agent.from_config({**STATIC, "memory": {"capacity": 50}, "online": {"enabled": True}})
+    frozen = Agent.from_config(STATIC)
+    start_meta = {k: v.detach().clone() for k, v in live.meta.items()}
+    got = live.step_many(tasks)
+    want = [frozen.step(t) for t in tasks]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a.predictions), np.asarray(b.predictions), rtol=1e-4, atol=1e-5)
+    assert live.counters["online_updates"] == 6 and len(live.memory) == 6
+    assert any(not torch.equal(live.meta[k], v) for k, v in start_meta.items())
+    from agent.memory import task_embedding
+
+    for t in tasks:  # the embedding of the state that answered, not of the updated one
+        emb = task_embedding(live.learner, start_meta, t.to_tensors(), projection=live.projection)
+        np.testing.assert_allclose(live.memory.get(t.id).embedding, emb, rtol=1e-5, atol=1e-6)
+    # and the next batch is answered from the updated state
+    nxt = sine_task(rng, 99)
+    after = live.step_many([nxt, sine_task(rng, 100)])[0]
+    assert not np.allclose(np.asarray(after.predictions), np.asarray(frozen.step(nxt).predictions))
+
+
+def test_batch_failures_stay_with_their_task(monkeypatch, caplog):
+    import agent.agent as agent_module
+
+    rng = np.random.default_rng(14)
+    tasks = [sine_task(rng, i) for i in range(4)]
+    agent = Agent.from_config(STATIC)
+
+    def broken(*a, **k):
+        raise RuntimeError("no vmap today")
+
+    monkeypatch.setattr(agent_module, "guarded_adapt_batch", broken)
+    with caplog.at_level("ERROR"):
+        outs = agent.handle_records([line(t) for t in tasks])
+    assert all("predictions" in o[0] for o in outs)  # the group fell back to one by one
+    assert "batched adaptation failed" in caplog.text
+    monkeypatch.undo()
+    real_finish = agent._finish
+
+    def finish(job, *a, **k):
+        if job.task.id == "t-00102":
+            raise ValueError("boom")
+        return real_finish(job, *a, **k)
+
+    monkeypatch.setattr(agent, "_finish", finish)
+    outs = agent.handle_records([line(sine_task(rng, 100 + i)) for i in range(4)])
+    assert [("error" in o[0]) for o in outs] == [False, False, True, False]
+    assert outs[2][0]["error"]["code"] == "internal" and agent.counters["tasks"] == 7
+
+
+def test_batched_features_equal_the_per_task_ones(monkeypatch):
+    # The batch path computes the support features, initial loss and gradient norm, and the
+    # probe's embedding in vmapped passes; the failure predictor must see the same numbers.
+    cfg = {**STATIC, "failure": {"enabled": True}}
+    seen = {"batch": [], "loop": []}
+
+    def recorder(agent, key):
+        plan, post = agent.intel.plan, agent.intel.post
+        monkeypatch.setattr(agent.intel, "plan", lambda tid, x: (seen[key].append(("pre", tid, x)), plan(tid, x))[1])
+        monkeypatch.setattr(agent.intel, "post", lambda tid, x, probe, p: (seen[key].append(("post", tid, probe)),
+                                                                        post(tid, x, probe, p))[1])
+
+    rng = np.random.default_rng(15)
+    tasks = [sine_task(rng, i) for i in range(6)]
+    batched, looped = Agent.from_config(cfg), Agent.from_config(cfg)
+    recorder(batched, "batch")
+    recorder(looped, "loop")
+    batched.step_many(tasks)
+    for t in tasks:
+        looped.step(t)
+    key = lambda r: (r[1], r[0])  # noqa: E731 - per task: pre, then post
+    got, want = sorted(seen["batch"], key=key), sorted(seen["loop"], key=key)
+    assert [key(r) for r in got] == [key(r) for r in want] and len(got) == 12
+    for (_, _, a), (_, _, b) in zip(got, want):
+        assert a.keys() == b.keys()
+        for k in b:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    # the memory embedding from batched features is the per-task one
+    agent = Agent.from_config(SMALL)
+    from agent.batch import start_batch
+
+    tts = [t.to_tensors() for t in tasks[:3]]
+    for tt, (f, _, _) in zip(tts, start_batch(agent.learner, agent.meta, tts)):
+        np.testing.assert_allclose(agent._embedding(tt, f), agent._embedding(tt), rtol=1e-5, atol=1e-6)

@@ -129,18 +129,27 @@ def _class_geometry(f: Tensor, y: Tensor, n_way: int) -> dict[str, float]:
 
 
 def _ridge(f: Tensor, y: Tensor, ridge: float = 1e-2) -> dict[str, float]:
-    """Train R^2 and leave-one-out normalised MSE of a ridge regression of ``y`` on ``f`` (hat matrix)."""
-    n = f.shape[0]
-    y = y.reshape(n, -1).double()
-    a = torch.cat([f, torch.ones(n, 1, dtype=f.dtype)], 1)
+    """Train R^2 and leave-one-out normalised MSE of a ridge regression of ``y`` on ``f`` (hat matrix).
+
+    In float64 numpy: for few-shot sizes (n x n systems) each torch op would cost more in
+    dispatch than in arithmetic.
+    """
+    a = f.detach().double().numpy()
+    n = a.shape[0]
+    y = y.detach().reshape(n, -1).double().numpy()
+    a = np.concatenate([a, np.ones((n, 1))], 1)
     gram = a @ a.T  # kernel form: n x n, cheap for few-shot sizes
     lam = ridge * float(gram.diagonal().mean()) + 1e-9
-    hat = gram @ torch.linalg.inv(gram + lam * torch.eye(n, dtype=f.dtype))
-    resid = y - hat @ y
-    var = y.var(0, unbiased=False).sum() + _EPS
-    r2 = 1.0 - resid.pow(2).sum(1).mean() / var
-    loo = resid / (1.0 - hat.diagonal()).clamp_min(1e-6)[:, None]
-    return {"ridge_r2": float(r2), "loo_nmse": float(loo.pow(2).sum(1).mean() / var)}
+    with np.errstate(all="ignore"):
+        try:
+            hat = gram @ np.linalg.inv(gram + lam * np.eye(n))
+        except np.linalg.LinAlgError:  # a singular or non-finite system: no fit
+            return {"ridge_r2": math.nan, "loo_nmse": math.nan}
+        resid = y - hat @ y
+        var = y.var(0).sum() + _EPS
+        r2 = 1.0 - (resid ** 2).sum(1).mean() / var
+        loo = resid / np.maximum(1.0 - hat.diagonal(), 1e-6)[:, None]
+        return {"ridge_r2": float(r2), "loo_nmse": float((loo ** 2).sum(1).mean() / var)}
 
 
 def memory_features(memory, embedding: np.ndarray | None, k: int = 5) -> dict[str, float]:
@@ -192,7 +201,8 @@ def _init_loss_and_grad(algorithm, meta: Mapping[str, Tensor], task: TaskTensors
 
 
 def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memory=None, *,
-                 embedding: np.ndarray | None = None, k: int = 5, loss_and_grad: bool = True) -> dict[str, float]:
+                 embedding: np.ndarray | None = None, k: int = 5, loss_and_grad: bool = True,
+                 features: Tensor | None = None, init: tuple[float, float] | None = None) -> dict[str, float]:
     """Features available before adaptation (see the module docstring).
 
     Parameters
@@ -212,6 +222,9 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
         Neighbours read from memory.
     loss_and_grad
         Compute the initial support loss and gradient norm (one forward and backward).
+    features, init
+        Precomputed by a caller that batches tasks: the backbone's features of the support
+        inputs under ``meta``, and ``(initial support loss, its gradient norm)``.
     """
     x, y = task.support_x, task.support_y
     n = int(x.shape[0])
@@ -222,8 +235,11 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
     out["dims"] = float(np.prod(x.shape[1:])) if x.dim() > 1 else 1.0
     xf = x.reshape(n, -1).double()
     out["input_spread"] = float(xf.std(0, unbiased=False).mean()) if n > 1 else 0.0
-    with torch.no_grad():
-        f = _embedding(algorithm, meta, x)
+    if features is None:
+        with torch.no_grad():
+            f = _embedding(algorithm, meta, x)
+    else:
+        f = features.reshape(features.shape[0], -1).double()
     out["emb_spread"] = float((f - f.mean(0)).pow(2).sum(1).mean().sqrt())
     out["emb_norm"] = float(f.norm(dim=1).mean())
     if cls:
@@ -247,7 +263,7 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
             out["init_loo_score"] = 1.0 / (1.0 + r["loo_nmse"]) if math.isfinite(r["loo_nmse"]) else 0.0
     out["log_shots"] = math.log1p(out["shots"])
     if loss_and_grad:
-        loss, gnorm = _init_loss_and_grad(algorithm, meta, task)
+        loss, gnorm = _init_loss_and_grad(algorithm, meta, task) if init is None else init
         out["init_loss"], out["init_grad_norm"] = loss, gnorm
         out["log_init_loss"] = math.log1p(max(loss, 0.0)) if math.isfinite(loss) else math.nan
         out["log_init_grad_norm"] = math.log1p(gnorm) if math.isfinite(gnorm) else math.nan
@@ -260,7 +276,8 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
 
 
 def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, steps: int = 1,
-                   state: Adapted | None = None, init_loss: float | None = None) -> dict[str, float]:
+                   state: Adapted | None = None, init_loss: float | None = None, probe_loss: float | None = None,
+                   features: Tensor | None = None) -> dict[str, float]:
     """Features after a short probe of ``steps`` inner steps (or of a given probe ``state``).
 
     ``loss_drop`` is ``init_loss - probe_loss`` (support losses) and ``loss_drop_ratio`` the
@@ -268,6 +285,8 @@ def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, 
     accuracy of the support set in the probed embedding (classification) or ``1 / (1 + loo_nmse)``
     with ``loo_nmse`` the ridge leave-one-out MSE over the target variance (regression): higher
     is better for both. Non-finite values are replaced and counted in ``probe_nonfinite``.
+    ``probe_loss`` (the support loss of ``state``) and ``features`` (the support inputs'
+    features under ``state``) may be passed by a caller that has them already.
     """
     out: dict[str, float] = dict.fromkeys(PROBE_KEYS, 0.0)
     with torch.no_grad():
@@ -278,12 +297,15 @@ def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, 
             state = start
             for _ in range(int(steps)):
                 state = algorithm.step(meta, state, task)
-        probe_loss = float(algorithm.support_loss(meta, state, task))
+        if probe_loss is None:
+            probe_loss = float(algorithm.support_loss(meta, state, task))
         out["probe_steps"] = float(state.step)
         out["probe_loss"] = probe_loss
         out["loss_drop"] = init_loss - probe_loss
         out["loss_drop_ratio"] = (init_loss - probe_loss) / (abs(init_loss) + 1e-8)
-        f = algorithm.embed(meta, state.params, task.support_x, state.step).reshape(task.support_x.shape[0], -1).double()
+        if features is None:
+            features = algorithm.embed(meta, state.params, task.support_x, state.step)
+        f = features.reshape(task.support_x.shape[0], -1).double()
         if task.kind == CLASSIFICATION:
             out["loo_score"] = _class_geometry(f, task.support_y, int(task.n_way))["loo_acc"]
         elif f.shape[0] > 1:

@@ -1,0 +1,226 @@
+"""Batched guarded adaptation (agent.batch) against a loop of agent.compute.guarded_adapt."""
+
+import math
+
+import pytest
+import torch
+
+import agent.batch as batch
+from agent.algorithms import build
+from agent.algorithms.base import TaskTensors
+from agent.batch import guarded_adapt_batch, predict_batch
+from agent.compute import guarded_adapt
+from agent.nn import build_model
+from agent.nn.mlp import MLPFeatures
+from agent.nn.model import MetaModel
+
+EXACT = ("steps", "step_calls", "backtracks", "early_stopped", "diverged", "best_step", "lr_scale", "holdout")
+
+
+def sine_tasks(n, k=10, nq=7, seed=0, amp=(0.1, 5.0)):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        a = amp[0] + (amp[1] - amp[0]) * torch.rand((), generator=g)
+        p = math.pi * torch.rand((), generator=g)
+        x = 10 * torch.rand(k, 1, generator=g) - 5
+        xq = 10 * torch.rand(nq, 1, generator=g) - 5
+        out.append(TaskTensors(x, a * torch.sin(x - p), xq, a * torch.sin(xq - p), "regression"))
+    return out
+
+
+def blob_tasks(n, n_way=3, shots=4, dim=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        centres = 2 * torch.randn(n_way, dim, generator=g)
+        y = torch.arange(n_way).repeat_interleave(shots)
+        x = centres[y] + 0.5 * torch.randn(len(y), dim, generator=g)
+        out.append(TaskTensors(x, y, x[:5], y[:5], "classification", n_way))
+    return out
+
+
+def mlp(in_dim=1, out_dim=1, hidden=(40, 40)):
+    return MetaModel(MLPFeatures(in_dim, hidden), hidden[-1], out_dim, vmappable=True)
+
+
+def assert_same(alg, meta, tasks, max_steps, **guard):
+    """Batched == looped: exact counts and flags, losses and parameters to float32 rounding."""
+    limits = max_steps if isinstance(max_steps, list) else [max_steps] * len(tasks)
+    got = guarded_adapt_batch(alg, meta, tasks, max_steps, **guard)
+    want = [guarded_adapt(alg, meta, t, m, **guard) for t, m in zip(tasks, limits)]
+    assert len(got) == len(want)
+    for i, ((s, tr), (s0, tr0)) in enumerate(zip(got, want)):
+        for f in EXACT:
+            assert getattr(tr, f) == getattr(tr0, f), (i, f, getattr(tr, f), getattr(tr0, f))
+        assert len(tr.losses) == len(tr0.losses)
+        for a, b in zip(tr.losses + [tr.best_loss], tr0.losses + [tr0.best_loss]):
+            assert (a == b) if math.isinf(b) else a == pytest.approx(b, rel=1e-4, abs=1e-6), (i, tr.losses, tr0.losses)
+        assert s.step == s0.step
+        assert s.params.keys() == s0.params.keys() and s.extras.keys() == s0.extras.keys()
+        for k in s0.params:
+            torch.testing.assert_close(s.params[k], s0.params[k], rtol=1e-4, atol=1e-5)
+        for k in s0.extras:
+            torch.testing.assert_close(s.extras[k], s0.extras[k], rtol=1e-4, atol=1e-5)
+        assert (s.prev_loss is None) == (s0.prev_loss is None)
+        if s0.prev_loss is not None:
+            assert float(s.prev_loss) == pytest.approx(float(s0.prev_loss), rel=1e-4, abs=1e-6)
+    return got, want
+
+
+@pytest.fixture()
+def count_vmap(monkeypatch):
+    calls = []
+    real = torch.func.vmap
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.func, "vmap", counting)
+    return calls
+
+
+def test_matches_loop_with_backtracks_plateaus_and_mixed_limits(count_vmap):
+    # lr 0.05 on a 1-40-40-1 net: big amplitudes overshoot and backtrack, small ones plateau.
+    alg = build("maml", mlp(), inner_lr=0.05)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    tasks = sine_tasks(12, seed=1)
+    limits = [0, 1, 2, 3, 5, 8, 10, 10, 12, 4, 6, 10]
+    got, _ = assert_same(alg, meta, tasks, limits, patience=2, min_rel_improvement=1e-2)
+    traces = [tr for _, tr in got]
+    assert any(tr.backtracks for tr in traces), "no task backtracked: the case is not covered"
+    assert any(tr.early_stopped and tr.steps < lim for tr, lim in zip(traces, limits)), "no early stop"
+    assert any(not tr.early_stopped and tr.steps == lim > 0 for tr, lim in zip(traces, limits))
+    assert traces[0].steps == 0 and traces[0].step_calls == 0
+    # batched: far fewer vmapped calls than the loop's step calls
+    assert 0 < len(count_vmap) < sum(tr.step_calls for tr in traces) / 2
+
+
+def test_matches_loop_when_steps_diverge():
+    # A huge step size: full steps explode (non-finite loss) and are halved; some tasks find a
+    # descending step within the backtracks and go on, others stop.
+    alg = build("maml", mlp(), inner_lr=1e7)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    tasks = sine_tasks(6, seed=2, amp=(3.0, 5.0))
+    got, _ = assert_same(alg, meta, tasks, 5, max_backtracks=24)
+    assert any(tr.diverged and tr.steps == 0 for _, tr in got)
+    assert any(tr.steps == 5 for _, tr in got)
+    # and without backtracking a non-finite step stops adaptation
+    got, _ = assert_same(alg, meta, tasks, 5, backtrack=False)
+    assert all(tr.early_stopped for _, tr in got)
+
+
+def test_all_steps_nonfinite_returns_start_state():
+    alg = build("maml", mlp(), inner_lr=1e30)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    tasks = sine_tasks(4, seed=3, amp=(4.0, 5.0))
+    got, want = assert_same(alg, meta, tasks, 3, max_backtracks=1)
+    for (s, tr), (s0, _) in zip(got, want):
+        assert s.step == 0 and tr.diverged and tr.best_step == 0
+        assert all(torch.equal(s.params[k], s0.params[k]) for k in s0.params)
+
+
+def test_min_steps_zero_and_no_backtracking():
+    alg = build("maml", mlp(hidden=(16,)), inner_lr=0.3)
+    meta = alg.init_meta(torch.Generator().manual_seed(1))
+    tasks = sine_tasks(8, seed=4)
+    assert_same(alg, meta, tasks, 6, min_steps=0)
+    assert_same(alg, meta, tasks, 6, backtrack=False)
+    assert_same(alg, meta, tasks, 6, max_backtracks=0)
+    assert_same(alg, meta, tasks, [3, 0, 6, 1, 2, 6, 6, 4], min_steps=2, patience=1)
+
+
+@pytest.mark.parametrize("name,hyper", [("maml", {"inner_lr": 0.5}), ("anil", {"inner_lr": 0.5}),
+                                        ("metasgd", {"inner_lr": 0.5}), ("mamlpp", {"inner_lr": 0.5, "inner_steps": 3})])
+def test_classification_algorithms(name, hyper):
+    # ANIL caches features in extras; MAML++ has a rate per inner step; Meta-SGD rate tensors.
+    alg = build(name, mlp(in_dim=2, out_dim=4, hidden=(16,)), **hyper)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    tasks = blob_tasks(7, seed=5)
+    got, _ = assert_same(alg, meta, tasks, [4, 8, 2, 8, 5, 6, 1])
+    assert sum(tr.step_calls for _, tr in got) > 7
+
+
+def test_mixed_shapes_are_grouped():
+    alg = build("maml", mlp(), inner_lr=0.05)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    tasks = sine_tasks(3, k=5, seed=6) + sine_tasks(4, k=10, seed=7) + sine_tasks(1, k=3, seed=8)
+    order = [0, 3, 1, 4, 7, 2, 5, 6]
+    assert_same(alg, meta, [tasks[i] for i in order], 5)
+
+
+def test_unvmappable_model_falls_back_to_the_loop(count_vmap):
+    model = build_model("conv4", in_shape=(1, 16, 16), out_dim=3, norm="batch", width=4)
+    assert not model.vmappable
+    alg = build("maml", model, inner_lr=0.3)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(9)
+    tasks = [TaskTensors(torch.randn(6, 1, 16, 16, generator=g), torch.arange(6) % 3, torch.randn(2, 1, 16, 16, generator=g),
+                         None, "classification", 3) for _ in range(3)]
+    got = guarded_adapt_batch(alg, meta, tasks, 3)
+    want = [guarded_adapt(alg, meta, t, 3) for t in tasks]
+    assert not count_vmap
+    for (s, tr), (s0, tr0) in zip(got, want):  # the loop itself: identical, not just close
+        assert tr.to_dict() == tr0.to_dict()
+        assert all(torch.equal(s.params[k], s0.params[k]) for k in s0.params)
+    outs = predict_batch(alg, meta, [s for s, _ in got], [t.query_x for t in tasks])
+    assert all(torch.equal(o, alg.predict(meta, s, t.query_x)) for o, (s, _), t in zip(outs, got, tasks))
+
+
+def test_closed_form_and_holdout_use_the_loop(count_vmap):
+    tasks = blob_tasks(4, seed=10)
+    proto = build("protonet", mlp(in_dim=2, out_dim=0, hidden=(8,)))
+    meta = proto.init_meta(torch.Generator().manual_seed(0))
+    for (s, tr), t in zip(guarded_adapt_batch(proto, meta, tasks, 5), tasks):
+        s0, tr0 = guarded_adapt(proto, meta, t, 5)
+        assert tr.to_dict() == tr0.to_dict() and torch.equal(s.extras["prototypes"], s0.extras["prototypes"])
+    alg = build("maml", mlp(in_dim=2, out_dim=3, hidden=(8,)), inner_lr=0.5)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    got = guarded_adapt_batch(alg, meta, tasks, 4, holdout=0.3, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    want = [guarded_adapt(alg, meta, t, 4, holdout=0.3, generator=g) for t in tasks]
+    assert [tr.to_dict() for _, tr in got] == [tr.to_dict() for _, tr in want]
+    assert not count_vmap
+
+
+def test_predict_batch_matches_predict():
+    alg = build("anil", mlp(in_dim=2, out_dim=3, hidden=(8,)), inner_lr=0.5)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    tasks = blob_tasks(5, seed=11)
+    states = [s for s, _ in guarded_adapt_batch(alg, meta, tasks, [1, 3, 3, 0, 2])]
+    xs = [t.query_x for t in tasks[:4]] + [torch.randn(9, 2)]  # another query size
+    for o, s, x in zip(predict_batch(alg, meta, states, xs), states, xs):
+        torch.testing.assert_close(o, alg.predict(meta, s, x), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments():
+    alg = build("maml", mlp(hidden=(4,)))
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    tasks = sine_tasks(2)
+    with pytest.raises(ValueError, match="max_steps"):
+        guarded_adapt_batch(alg, meta, tasks, [1])
+    with pytest.raises(ValueError, match="max_steps"):
+        guarded_adapt_batch(alg, meta, tasks, -1)
+    assert guarded_adapt_batch(alg, meta, [], 3) == []
+    assert batch.batchable(alg) and not batch.batchable(build("protonet", mlp(hidden=(4,)), ))
+
+
+def test_start_batch_and_embed_batch_match_the_per_task_functions():
+    from agent.batch import embed_batch, start_batch
+    from agent.online.features import _embedding, _init_loss_and_grad
+
+    for name, model, tasks in [("maml", mlp(hidden=(16, 16)), sine_tasks(5, seed=12) + sine_tasks(2, k=4, seed=13)),
+                               ("anil", mlp(in_dim=2, out_dim=3, hidden=(8,)), blob_tasks(4, seed=14))]:
+        alg = build(name, model, inner_lr=0.3)
+        meta = alg.init_meta(torch.Generator().manual_seed(0))
+        got = start_batch(alg, meta, tasks)
+        for (f, loss, gnorm), t in zip(got, tasks):
+            want_loss, want_g = _init_loss_and_grad(alg, meta, t)
+            assert loss == pytest.approx(want_loss, rel=1e-5) and gnorm == pytest.approx(want_g, rel=1e-5)
+            torch.testing.assert_close(f.reshape(f.shape[0], -1).double(), _embedding(alg, meta, t.support_x))
+        f, loss, gnorm = start_batch(alg, meta, tasks, grad=False)[0]
+        assert math.isnan(gnorm) and loss == pytest.approx(got[0][1])
+        states = [s for s, _ in guarded_adapt_batch(alg, meta, tasks, 3)]
+        for e, s, t in zip(embed_batch(alg, meta, states, [t.support_x for t in tasks]), states, tasks):
+            torch.testing.assert_close(e, alg.embed(meta, s.params, t.support_x, s.step), rtol=1e-5, atol=1e-6)
