@@ -114,7 +114,7 @@ def test_burn_in_round_robin_counts_choices_while_labels_are_pending(make):
 
 def test_agent_switch_never_trains_the_post_stage_on_the_first_attempt():
     config = {"model": {"arch": "mlp", "hidden": [16]}, "agent": {**AGENT, "arms": [{"algorithm": "maml"}, {"algorithm": "metasgd"}]},
-              "compute": {"levels": [[1, 1], [3, 1]], "holdout": None}, "memory": {"capacity": 50}, "online": {"replay": 1},
+              "compute": {"levels": [[1, 1], [3, 1]], "holdout": None}, "memory": {"capacity": 50, "warm_start": "off"}, "online": {"replay": 1},
               "selector": {"arms": ["maml@1", "metasgd@1"], "burn_in": 2},
               "failure": {"warmup": 0, "escalate": 0.0, "switch": 0.0, "fallback": 1.0, "abstain": 1.0}}
     agent = Agent.from_config(config)
