@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from agent.algorithms.base import CLASSIFICATION, Adapted, Algorithm, MetaState, TaskTensors
+from agent.algorithms.base import CLASSIFICATION, Adapted, Algorithm, MetaState, TaskTensors, task_loss
 
 __all__ = [
     "Budget",
@@ -368,6 +368,14 @@ def _loss(algorithm: Algorithm, meta: MetaState, state: Adapted, task: TaskTenso
     return v if math.isfinite(v) else math.inf
 
 
+def _heldout_loss(algorithm: Algorithm, meta: MetaState, state: Adapted, held: TaskTensors) -> float:
+    # Scores examples the state was not fitted on through predict: ``support_loss`` may read
+    # caches of the fit part's support set (ANIL's features, the heads' embeddings).
+    with torch.no_grad():
+        v = float(task_loss(held.kind, algorithm.predict(meta, state, held.support_x), held.support_y, held.n_way))
+    return v if math.isfinite(v) else math.inf
+
+
 def guarded_adapt(algorithm: Algorithm, meta: MetaState, task: TaskTensors, max_steps: int, *,
                   patience: int = 2, min_rel_improvement: float = 1e-3, backtrack: bool = True,
                   max_backtracks: int = 4, min_steps: int = 1, holdout: float | str | None = None,
@@ -451,7 +459,7 @@ def guarded_adapt(algorithm: Algorithm, meta: MetaState, task: TaskTensors, max_
         _, tr, path = _guard(algorithm, meta, fit, max_steps, patience, min_rel_improvement, backtrack,
                              max_backtracks, min_steps, keep_path=True)
         calls += tr.step_calls
-        curves.append([_loss(algorithm, meta, s, held) for s in path])
+        curves.append([_heldout_loss(algorithm, meta, s, held) for s in path])
     length = max(len(c) for c in curves)
     # An early-stopped fold stays at its last state: pad with its last value.
     padded = [c + [c[-1]] * (length - len(c)) for c in curves]
@@ -471,7 +479,7 @@ def _closed_form(algorithm, meta, task, holdout, generator):
     trace = AdaptTrace()
     folds = _folds(task, holdout, generator) if holdout is not None else []
     if folds:
-        scores = [_loss(algorithm, meta, algorithm.adapt(meta, fit), held) for fit, held in folds]
+        scores = [_heldout_loss(algorithm, meta, algorithm.adapt(meta, fit), held) for fit, held in folds]
         trace.holdout = "loo" if holdout == "loo" else "split"
         trace.holdout_loss = sum(scores) / len(scores)
         trace.holdout_losses = [trace.holdout_loss]

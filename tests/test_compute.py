@@ -508,3 +508,24 @@ def test_trace_is_plain_data():
     maml, meta = sine_maml(lr=0.01)
     _, trace = guarded_adapt(maml, meta, sine_task(torch.Generator().manual_seed(0)), 3)
     assert isinstance(trace, AdaptTrace) and set(trace.to_dict()) >= {"losses", "steps", "backtracks", "early_stopped", "diverged"}
+
+
+@pytest.mark.parametrize("name", ["anil", "finetune"])
+def test_holdout_scores_head_algorithms_on_the_held_out_inputs(name):
+    # ANIL and the fine-tune head cache the support set's features in the adapted state; the
+    # held-out curve must come from the held-out inputs, not from the fit part's cache (this
+    # used to raise a shape error).
+    from agent.algorithms import build
+    from agent.compute import split_task
+
+    model = MetaModel(MLPFeatures(1, (16,)), 16, 1)
+    alg = build(name, model, inner_lr=0.05)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    task = sine_task(torch.Generator().manual_seed(4), k=10)
+    state, trace = guarded_adapt(alg, meta, task, 4, holdout=0.3, generator=torch.Generator().manual_seed(1))
+    assert trace.holdout == "split" and all(math.isfinite(v) for v in trace.holdout_losses)
+    fit, held = split_task(task, 0.3, torch.Generator().manual_seed(1))
+    start = alg.start(meta, fit)
+    with torch.no_grad():
+        expected = float(((alg.predict(meta, start, held.support_x) - held.support_y) ** 2).mean())
+    assert trace.holdout_losses[0] == pytest.approx(expected, rel=1e-5)
