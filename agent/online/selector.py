@@ -3,9 +3,11 @@
 Arms are :class:`Arm` pairs such as ``maml@5`` or ``protonet@0``. The reward of a pull is
 ``quality - lam * compute`` (:func:`reward`), so a cheaper arm wins when it is about as good.
 
-:class:`ContextualSelector` keeps one River regressor per arm (default
-``StandardScaler | LinearRegression``) that predicts the reward from the task features, and picks
-the arm with the best prediction plus exploration:
+:class:`ContextualSelector` keeps one River regressor per arm (class default
+``StandardScaler | LinearRegression``; :func:`make_regressor` builds ``linear``, ``arf`` or ``knn``
+by name, the ``selector.model`` option, whose default ``knn`` was chosen by replaying the
+issue-4 stream on seeds other than the benchmark's) that predicts the reward from the task
+features, and picks the arm with the best prediction plus exploration:
 
 * ``"egreedy"``: with probability ``epsilon`` a uniformly random arm, otherwise
   ``argmax pred + bonus / sqrt(n_arm)`` (a count bonus that favours rarely tried arms);
