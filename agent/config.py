@@ -398,8 +398,10 @@ class SelectorConfig:
 
     policy: str = option("contextual", choices=_POLICIES)
     arms: tuple[str, ...] = option((), doc="'algorithm@steps' (0: adaptive); empty: one per agent arm")
+    model: str = option("knn", choices=("linear", "arf", "knn"),
+                        doc="contextual: per-arm reward regressor (linear, adaptive random forest, k-NN)")
     exploration: str = option("egreedy", choices=("egreedy", "ucb"))
-    epsilon: float = option(0.05, ge=0.0, le=1.0)
+    epsilon: float = option(0.0, ge=0.0, le=1.0, doc="egreedy: random-arm probability (0: greedy plus count bonus)")
     bonus: Optional[float] = option(None, ge=0.0, doc="count bonus; default 0.05 (egreedy) or 0.3 (ucb)")
     burn_in: int = option(3, ge=0, doc="round-robin pulls per arm first")
     lam: float = option(0.005, ge=0.0, doc="reward = quality - lam * inner-step calls")

@@ -18,7 +18,8 @@ inner-step calls, quality = 1 / (1 + query MSE / query variance), lam = ``--lam`
 
 Per stream seed the same task sequence is answered by one agent per fixed arm and by the agent
 with the contextual selector. The online meta-updates use the default learner (MAML) on the
-labelled tasks whatever arm answered, and every arm has a fixed budget of one member, so each
+labelled tasks whatever arm answered, every arm has a fixed budget of one member, and memory
+warm starts are off (``memory.warm_start: off``; memory only feeds the features), so each
 fixed-arm run is the selector run's exact counterfactual: the reward any arm would have had on
 any task of the selector run (the script checks this on the tasks the selector gave to each arm).
 Post-probe actions and the post-drift budget widening are off in these runs (they would change
@@ -64,7 +65,7 @@ from scipy.stats import mannwhitneyu  # noqa: E402
 
 import common  # noqa: E402
 from agent.agent import Agent  # noqa: E402
-from agent.config import load, with_overrides  # noqa: E402
+from agent.config import SelectorConfig, load, with_overrides  # noqa: E402
 from agent.stats import boundary_scores, brier_score, expected_calibration_error, mean_ci, reliability_table  # noqa: E402
 from agent.streams.synthetic import SyntheticStream  # noqa: E402
 from agent.task import parse_record  # noqa: E402
@@ -84,14 +85,19 @@ def pretrain(steps: int, seed: int, threads: int, out_dir: str):
     return meta_train(cfg, out_dir, resume=False, progress=False, log_every=0)
 
 
-def base_config(init: str, lam: float, arms, policy: str = "contextual", actions: bool = False) -> dict:
+def base_config(init: str, lam: float, arms, policy: str = "contextual", actions: bool = False,
+                model: str | None = None) -> dict:
     return {
         "model": {"arch": "mlp", "hidden": [40, 40]},
         "agent": {"in_shape": [1], "out_dim": 1, "init_checkpoint": init, "seed": 0,
                   "arms": [{"algorithm": "maml", "inner_lr": 0.01}, {"algorithm": "ridge"},
                            {"algorithm": "finetune", "inner_lr": 0.1}]},
         "compute": {"levels": [[1, 1], [5, 1], [10, 1]]},
-        "selector": {"policy": policy, "arms": list(arms), "lam": lam, "burn_in": 3},
+        # memory warm starts would make an answer depend on which arms answered earlier tasks (a
+        # neighbour's stored state), breaking the exact counterfactuals: memory only feeds features
+        "memory": {"warm_start": "off"},
+        "selector": {"policy": policy, "arms": list(arms), "lam": lam, "burn_in": 3,
+                     **({"model": model} if model else {})},
         # shipped thresholds (agent/configs/demo.yaml) when actions are on; otherwise never reached
         "failure": {"warmup": 30} if actions else {"warmup": 30, **OFF},
         "drift": {"widen_tasks": 50 if actions else 0},
@@ -347,6 +353,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lam", type=float, default=0.005, help="reward = quality - lam * inner steps")
     p.add_argument("--warmup", type=int, default=100, help="tasks left out of the failure-predictor scores")
     p.add_argument("--tolerance", type=int, default=100, help="drift: largest delay that counts as a detection")
+    p.add_argument("--selector-model", default=None, choices=("linear", "arf", "knn"),
+                   help="selector.model of the contextual runs (default: the config default)")
     p.add_argument("--no-shipped", action="store_true", help="skip the run with the failure actions on")
     args = p.parse_args(argv)
     if args.quick:
@@ -357,14 +365,15 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         tr = pretrain(args.pretrain_steps, args.seed, args.threads, tmp)
         print(f"pre-training: sinusoid MAML, {tr.step} meta-steps in {time.perf_counter() - t0:.0f} s; "
-              f"stream: {MODES}, p_stay 0.99, {args.tasks} tasks x {args.seeds} seeds; arms {', '.join(ARMS)}; lam {args.lam}")
+              f"stream: {MODES}, p_stay 0.99, {args.tasks} tasks x {args.seeds} seeds; arms {', '.join(ARMS)}; lam {args.lam}; "
+              f"selector.model {args.selector_model or SelectorConfig().model}")
         seed_runs, walls = [], defaultdict(float)
         for k in range(args.seeds):
             s = args.seed + k
             runs = {a: run(base_config(tmp, args.lam, [a]), s, args.tasks) for a in ARMS}
-            runs["selector"] = run(base_config(tmp, args.lam, ARMS), s, args.tasks)
+            runs["selector"] = run(base_config(tmp, args.lam, ARMS, model=args.selector_model), s, args.tasks)
             if not args.no_shipped:
-                runs["shipped"] = run(base_config(tmp, args.lam, ARMS, actions=True), s, args.tasks)
+                runs["shipped"] = run(base_config(tmp, args.lam, ARMS, actions=True, model=args.selector_model), s, args.tasks)
             for name, r in runs.items():
                 walls[name] += r["wall_s"]
             seed_runs.append(runs)

@@ -6,7 +6,8 @@ import random
 import pytest
 from river import bandit, proba
 
-from agent.online.selector import Arm, ContextFreeSelector, ContextualSelector, parse_arm, reward
+from agent.online.selector import (REGRESSORS, Arm, ContextFreeSelector, ContextualSelector, make_regressor, parse_arm,
+                                   reward)
 
 ARMS = [Arm("maml", 5), Arm("protonet", 0), Arm("anil", 10)]
 
@@ -139,7 +140,9 @@ def test_context_free_policies_run(policy):
     assert sel.n == 100 and sum(sel.counts.values()) == 100
 
 
-@pytest.mark.parametrize("make", [lambda: ContextualSelector(ARMS, seed=0), lambda: ContextFreeSelector(ARMS, "thompson", seed=0)])
+@pytest.mark.parametrize("make", [lambda: ContextualSelector(ARMS, seed=0), lambda: ContextFreeSelector(ARMS, "thompson", seed=0),
+                                  lambda: ContextualSelector(ARMS, make_regressor("arf", 0), seed=0),
+                                  lambda: ContextualSelector(ARMS, make_regressor("knn"), seed=0)])
 def test_pickle_round_trip_continues_identically(make):
     sel = make()
     for x, mu, _ in _env(2, 200):
@@ -151,3 +154,45 @@ def test_pickle_round_trip_continues_identically(make):
         assert a == b
         sel.learn(x, a, mu[a])
         copy.learn(x, b, mu[b])
+
+
+def _band_env(seed, n):
+    """Arm 0 wins for |a| > 1, arm 1 inside: not linear in ``a``, so a linear model cannot separate them."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        x = {"a": rng.gauss(0, 1.2), "b": rng.gauss(0, 1)}
+        outer = abs(x["a"]) > 1.0
+        mu = {ARMS[0]: 0.7 if outer else 0.4, ARMS[1]: 0.4 if outer else 0.7, ARMS[2]: 0.5}
+        yield x, mu, rng
+
+
+@pytest.mark.parametrize("name", ["arf", "knn"])
+def test_nonlinear_regressors_beat_the_linear_model_on_a_band_context(name):
+    def run(sel):
+        got = oracle = 0.0
+        for x, mu, rng in _band_env(0, 1500):
+            arm = sel.choose(x)
+            sel.learn(x, arm, mu[arm] + rng.gauss(0, 0.05))
+            got += mu[arm]
+            oracle += max(mu.values())
+        return got / 1500, oracle / 1500
+    lin, oracle = run(ContextualSelector(ARMS, make_regressor("linear"), seed=0))
+    got, _ = run(ContextualSelector(ARMS, make_regressor(name, 0), seed=0))
+    assert got > lin + 0.05, (got, lin, oracle)
+    assert got > oracle - 0.08, (got, oracle)
+
+
+def test_make_regressor_names_and_bad_name():
+    assert set(REGRESSORS) == {"linear", "arf", "knn"}
+    with pytest.raises(ValueError, match="selector.model"):
+        make_regressor("svm")
+
+
+@pytest.mark.parametrize("name", ["linear", "arf", "knn"])
+def test_config_model_reaches_the_selector(name):
+    from agent.config import Config, with_overrides
+    from agent.online.wiring import OnlineIntelligence
+    cfg = with_overrides(Config(), {"selector.model": name, "selector.arms": ["maml@1", "maml@5"]})
+    intel = OnlineIntelligence(cfg)
+    model = intel.selector.models[Arm("maml", 1)]
+    assert type(make_regressor(name)).__name__ == type(model).__name__

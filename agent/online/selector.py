@@ -3,9 +3,11 @@
 Arms are :class:`Arm` pairs such as ``maml@5`` or ``protonet@0``. The reward of a pull is
 ``quality - lam * compute`` (:func:`reward`), so a cheaper arm wins when it is about as good.
 
-:class:`ContextualSelector` keeps one River regressor per arm (default
-``StandardScaler | LinearRegression``) that predicts the reward from the task features, and picks
-the arm with the best prediction plus exploration:
+:class:`ContextualSelector` keeps one River regressor per arm (class default
+``StandardScaler | LinearRegression``; :func:`make_regressor` builds ``linear``, ``arf`` or ``knn``
+by name, the ``selector.model`` option, whose default ``knn`` was chosen by replaying the
+issue-4 stream on seeds other than the benchmark's) that predicts the reward from the task
+features, and picks the arm with the best prediction plus exploration:
 
 * ``"egreedy"``: with probability ``epsilon`` a uniformly random arm, otherwise
   ``argmax pred + bonus / sqrt(n_arm)`` (a count bonus that favours rarely tried arms);
@@ -52,9 +54,10 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from river import bandit, linear_model, optim, preprocessing, proba, stats
+from river import bandit, forest, linear_model, neighbors, optim, preprocessing, proba, stats
 
-__all__ = ["Arm", "parse_arm", "reward", "ContextualSelector", "ContextFreeSelector", "POLICIES"]
+__all__ = ["Arm", "parse_arm", "reward", "ContextualSelector", "ContextFreeSelector", "POLICIES", "REGRESSORS",
+           "make_regressor"]
 
 
 @dataclass(frozen=True, order=True)
@@ -152,6 +155,36 @@ class _Boost:
 def default_regressor():
     """``StandardScaler | LinearRegression`` with a faster intercept (rewards sit far from 0)."""
     return preprocessing.StandardScaler() | linear_model.LinearRegression(optimizer=optim.SGD(0.01), intercept_lr=0.05)
+
+
+#: names accepted by :func:`make_regressor` (``selector.model`` in the config)
+REGRESSORS = ("linear", "arf", "knn")
+
+
+def make_regressor(name: str = "linear", seed: int | None = 0):
+    """A River reward regressor by name: ``linear`` (:func:`default_regressor`), ``arf`` or ``knn``.
+
+    ``arf`` is ``forest.ARFRegressor`` (10 trees, seeded; no scaling needed), ``knn`` is
+    ``StandardScaler | neighbors.KNNRegressor`` (10 neighbours, distance-weighted, window 500).
+
+    Examples
+    --------
+    >>> type(make_regressor("arf")).__name__
+    'ARFRegressor'
+    >>> make_regressor("tree")
+    Traceback (most recent call last):
+    ...
+    ValueError: selector.model: unknown regressor 'tree'; known: linear, arf, knn
+    """
+    if name == "linear":
+        return default_regressor()
+    if name == "arf":
+        return forest.ARFRegressor(n_models=10, seed=seed)
+    if name == "knn":
+        return preprocessing.StandardScaler() | neighbors.KNNRegressor(
+            n_neighbors=10, aggregation_method="weighted_mean",
+            engine=neighbors.LazySearch(window_size=500))
+    raise ValueError(f"selector.model: unknown regressor {name!r}; known: {', '.join(REGRESSORS)}")
 
 
 class ContextualSelector(_Boost):

@@ -52,7 +52,7 @@ from agent.online.drift import DriftEvent, DriftMonitor
 from agent.online.experiments import Experiment
 from agent.online.features import PRE_KEYS
 from agent.online.failure import ACTIONS, DecisionThresholds, FailurePredictor, decide
-from agent.online.selector import Arm, ContextFreeSelector, ContextualSelector, parse_arm, reward
+from agent.online.selector import Arm, ContextFreeSelector, ContextualSelector, make_regressor, parse_arm, reward
 
 __all__ = ["OnlineIntelligence", "Plan", "arm_specs", "arm_features", "quality_of", "bump", "STATE_VERSION"]
 
@@ -160,7 +160,8 @@ class OnlineIntelligence:
         self.policy = sc.policy
         self.lam = float(sc.lam)
         if sc.policy == "contextual":
-            self.selector = ContextualSelector(self.arms, exploration=sc.exploration, epsilon=sc.epsilon, bonus=sc.bonus,
+            self.selector = ContextualSelector(self.arms, make_regressor(sc.model, seed),
+                                               exploration=sc.exploration, epsilon=sc.epsilon, bonus=sc.bonus,
                                                burn_in=sc.burn_in, seed=seed)
         elif sc.policy == "fixed":
             self.selector = None  # the agent's original Policy decides
@@ -310,7 +311,7 @@ class OnlineIntelligence:
         if self.journal is not None:
             self.journal.append({"id": task_id, "arm": arm, "quality": quality, "failed": bool(failed),
                                  "compute": float(compute), "reward": r, "p_pre": probs[0], "p_post": probs[1],
-                                 "drift": [e.signal for e in events]})
+                                 "drift": [e.signal for e in events], "x": dict(x) if x is not None else None})
         return {"reward": r, "drift": events}
 
     def _drifted(self, events) -> None:
