@@ -21,8 +21,10 @@ the agent started from seed ``s``'s offline MAML meta-parameters, through the da
 5 guarded steps). Variants:
 
 * **full**: two arms (MAML, closed-form ridge head; adaptive budgets), contextual selector, memory,
-  test-time compute policy (budget levels 1/5/10x2 steps, escalation), online meta-updates;
-* **no memory**: ``memory.enabled = false`` (no warm starts, no ensembles over neighbours);
+  test-time compute policy (the shipped ``compute`` defaults: levels 5/7/12 steps by the
+  difficulty, plateau stop, escalation), memory warm starts, online meta-updates — the shipped
+  defaults everywhere except the arms;
+* **no memory**: ``memory.enabled = false`` (no warm starts, no neighbour features);
 * **no selector (best fixed arm)**: one arm only; *which* arm is chosen on a separate tuning stream
   (seed ``--tune-seed``, never one of the evaluation seeds) by prequential MSE;
 * **no test-time scaling**: one budget level (1 step, 1 member); no escalation, switch or fallback;
@@ -133,7 +135,6 @@ def agent_config(variant: str, seed: int, init: str, arm: int | None = None) -> 
         "model": {"arch": "mlp", "hidden": [40, 40]},
         "agent": {"in_shape": [1], "out_dim": 1, "arms": ARMS, "default_arm": 0, "seed": seed, "init_checkpoint": init,
                   "micro_batch": 8},
-        "compute": {"levels": [[1, 1], [5, 1], [10, 2]]},
         "metrics": {"addr": "0"},
     }
     if variant == "no memory":
