@@ -77,7 +77,7 @@ from agent.batch import (batchable, embed_batch, guarded_adapt_batch, predict_ba
                          start_loss_batch)
 from agent.compute import Budget, TokenBucket, choose_budget, ensemble_predict, guarded_adapt, overlay
 from agent.config import Config, load as load_config
-from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
+from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding, task_embeddings
 from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
 from agent.online import persist
 from agent.online.features import finite, pre_features, probe_features
@@ -365,6 +365,10 @@ class _LazyEmbedding:
 
     def __init__(self, agent: "Agent", tt: TaskTensors, features: torch.Tensor | None = None):
         self._agent, self._tt, self._done, self._value, self._features = agent, tt, False, None, features
+
+    def preset(self, value: np.ndarray | None) -> None:
+        """Take the embedding computed elsewhere (a micro-batch's :meth:`Agent._embeddings`)."""
+        self._value, self._done, self._features = value, True, None
 
     def __call__(self) -> np.ndarray | None:
         if not self._done:
@@ -755,9 +759,10 @@ class Agent:
         """
         results: list = [None] * len(items)
         jobs: list[tuple[int, _Job]] = []
+        embs = self._embeddings([(tt, pre) for _, tt, _, pre in items])
         for k, (task, tt, feats, pre) in enumerate(items):
             try:
-                jobs.append((k, self._plan_task(task, tt, feats, pre)))
+                jobs.append((k, self._plan_task(task, tt, feats, pre, embedding=embs[k])))
             except Exception as e:  # noqa: BLE001 - reported for this task only
                 results[k] = e
         groups: dict[tuple, list[tuple[int, _Job]]] = {}
@@ -843,17 +848,23 @@ class Agent:
         res = self._adapt(job.alg, tt, job.budget, job.embedding)
         return self._finish(job, res, time.perf_counter() - t0, received)[0]
 
-    def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None) -> "_Job":
+    def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None,
+                   embedding: tuple | None = None) -> "_Job":
         """Difficulty, pre-features, the plan, arm, algorithm and budget of one task.
 
         ``pre``: ``(support features, initial loss, gradient norm)`` at the meta-parameters from a
         batched pass over the micro-batch (:func:`agent.batch.start_batch`); computed here otherwise.
+        ``embedding``: ``(memory embedding,)`` when the micro-batch computed it
+        (:meth:`_embeddings`); computed lazily here otherwise.
         """
         m, intel, fc = self.metrics, self.intel, self.config.failure
         difficulty = self.difficulty.update(feats)
         feats = dict(feats, difficulty=difficulty)
         # computed when memory is searched or written, once
-        embedding = _LazyEmbedding(self, tt, None if pre is None else pre[0])
+        lazy = _LazyEmbedding(self, tt, None if pre is None else pre[0])
+        if embedding is not None:
+            lazy.preset(embedding[0])
+        embedding = lazy
         x = self._pre_features(tt, feats, embedding, pre)
         plan = intel.plan(task.id, x)
         for e in plan.drift:  # input drift: seen in the features, before any label
@@ -964,6 +975,20 @@ class Agent:
             return None
         emb = task_embedding(self.learner, self.meta, tt, projection=self.projection, features=features)
         return emb if np.isfinite(emb).all() and np.any(emb) else None
+
+    def _embeddings(self, items: Sequence[tuple[TaskTensors, tuple | None]]) -> list[tuple | None]:
+        """A micro-batch's memory embeddings, ``(value,)`` per task as :meth:`_embedding` gives
+        it, from one :func:`~agent.memory.task_embeddings` call (batched ridge solves) over the
+        batched support features; ``None`` entries (embedded lazily, one by one) without memory
+        or when the batched call fails."""
+        if self.memory is None or len(items) < 2:
+            return [None] * len(items)
+        try:
+            vals = task_embeddings(self.learner, self.meta, [tt for tt, _ in items], projection=self.projection,
+                                   features=[None if pre is None else pre[0] for _, pre in items])
+        except Exception:  # noqa: BLE001 - e.g. a malformed task: each task embeds itself (and reports its error)
+            return [None] * len(items)
+        return [(v if np.isfinite(v).all() and np.any(v) else None,) for v in vals]
 
     def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding: "_LazyEmbedding",
                       pre: tuple | None = None) -> dict[str, float]:

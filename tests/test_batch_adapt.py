@@ -313,3 +313,29 @@ def test_agent_batched_warm_starts_equal_the_per_task_warm_starts(monkeypatch):
         assert (a.id, a.inner_steps, a.flags, a.budget) == (b.id, b.inner_steps, b.flags, b.budget)
         np.testing.assert_allclose(np.asarray(a.predictions), np.asarray(b.predictions), rtol=1e-4, atol=1e-5)
     assert batched.counters == single.counters
+
+
+def test_task_embeddings_match_task_embedding():
+    import numpy as np
+
+    from agent.memory import random_projection, task_embedding, task_embeddings
+    from agent.nn.model import embed
+
+    alg = build("maml", mlp(), inner_lr=0.05)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    params = {k[len("params."):]: v for k, v in meta.items() if k.startswith("params.")}
+    tasks = sine_tasks(6, seed=2) + sine_tasks(3, k=5, seed=3)
+    x = tasks[0].support_x
+    tasks.append(TaskTensors(x, (x[:, 0] > 0).long(), x, None, "classification", 2))  # the per-task path
+    tasks.append(TaskTensors(tasks[0].support_x, torch.zeros(10, 1), tasks[0].query_x, None, "regression"))  # y std 0
+    with torch.no_grad():
+        feats = [embed(alg.model, params, {}, t.support_x) if t.kind == "regression" else None for t in tasks]
+    proj = random_projection(2 * 40 + 5, 32, seed=1)
+    for projection in (None, proj):
+        got = task_embeddings(alg, meta, tasks, projection=projection, features=feats)
+        want = [task_embedding(alg, meta, t, projection=projection) for t in tasks]
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="features has 1 entries for 11 tasks"):
+        task_embeddings(alg, meta, tasks, features=feats[:1])
