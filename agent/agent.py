@@ -73,10 +73,11 @@ from prometheus_client import CollectorRegistry
 
 from agent import checkpoint as ckpt
 from agent.algorithms import Algorithm, TaskTensors, build
-from agent.batch import batchable, embed_batch, guarded_adapt_batch, predict_batch, shape_key, start_batch
+from agent.batch import (batchable, embed_batch, guarded_adapt_batch, predict_batch, shape_key, start_batch,
+                         start_loss_batch)
 from agent.compute import Budget, TokenBucket, choose_budget, ensemble_predict, guarded_adapt, overlay
 from agent.config import Config, load as load_config
-from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding
+from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding, task_embeddings
 from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
 from agent.online import persist
 from agent.online.features import finite, pre_features, probe_features
@@ -364,6 +365,10 @@ class _LazyEmbedding:
 
     def __init__(self, agent: "Agent", tt: TaskTensors, features: torch.Tensor | None = None):
         self._agent, self._tt, self._done, self._value, self._features = agent, tt, False, None, features
+
+    def preset(self, value: np.ndarray | None) -> None:
+        """Take the embedding computed elsewhere (a micro-batch's :meth:`Agent._embeddings`)."""
+        self._value, self._done, self._features = value, True, None
 
     def __call__(self) -> np.ndarray | None:
         if not self._done:
@@ -754,9 +759,10 @@ class Agent:
         """
         results: list = [None] * len(items)
         jobs: list[tuple[int, _Job]] = []
+        embs = self._embeddings([(tt, pre) for _, tt, _, pre in items])
         for k, (task, tt, feats, pre) in enumerate(items):
             try:
-                jobs.append((k, self._plan_task(task, tt, feats, pre)))
+                jobs.append((k, self._plan_task(task, tt, feats, pre, embedding=embs[k])))
             except Exception as e:  # noqa: BLE001 - reported for this task only
                 results[k] = e
         groups: dict[tuple, list[tuple[int, _Job]]] = {}
@@ -787,10 +793,31 @@ class Agent:
                 probe = {"init_loss": trace.losses[0], "probe_loss": trace.best_loss, "features": f}
                 done[k] = (_plain_result(job.tt, state, trace, out), share, probe)
                 done_traces[k] = trace
+        warmed: dict[int, tuple[_Adapted, float]] = {}
+        if warm:  # memory warm starts (select) for the batched tasks: screened and adapted in batches too
+            for members in groups.values():
+                ks = [k for k, _ in members if k in done]
+                if not ks:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    outs = self._warm_select_batch(members[0][1].alg, [(dict(jobs)[k], done[k][0], done_traces[k]) for k in ks])
+                except Exception:  # noqa: BLE001 - warm-start these tasks one by one below
+                    log.exception("batched warm starts failed; trying %d tasks one by one", len(ks))
+                    continue
+                share = (time.perf_counter() - t0) / len(ks)
+                for k, res in zip(ks, outs):
+                    warmed[k] = (res, share)
         learn: list[tuple[int, _Job, _Pending]] = []
         for k, job in jobs:
             try:
-                if k in done:
+                if k in warmed:
+                    res, adapt_s, probe = done[k]
+                    res, extra = warmed[k]
+                    adapt_s += extra
+                    if "warm_start" in res.flags:
+                        probe = None  # the answering state is not the batched one
+                elif k in done:
                     res, adapt_s, probe = done[k]
                     if warm:  # memory warm starts (select) for this task, after its batched meta-init run
                         t0 = time.perf_counter()
@@ -821,17 +848,23 @@ class Agent:
         res = self._adapt(job.alg, tt, job.budget, job.embedding)
         return self._finish(job, res, time.perf_counter() - t0, received)[0]
 
-    def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None) -> "_Job":
+    def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None,
+                   embedding: tuple | None = None) -> "_Job":
         """Difficulty, pre-features, the plan, arm, algorithm and budget of one task.
 
         ``pre``: ``(support features, initial loss, gradient norm)`` at the meta-parameters from a
         batched pass over the micro-batch (:func:`agent.batch.start_batch`); computed here otherwise.
+        ``embedding``: ``(memory embedding,)`` when the micro-batch computed it
+        (:meth:`_embeddings`); computed lazily here otherwise.
         """
         m, intel, fc = self.metrics, self.intel, self.config.failure
         difficulty = self.difficulty.update(feats)
         feats = dict(feats, difficulty=difficulty)
         # computed when memory is searched or written, once
-        embedding = _LazyEmbedding(self, tt, None if pre is None else pre[0])
+        lazy = _LazyEmbedding(self, tt, None if pre is None else pre[0])
+        if embedding is not None:
+            lazy.preset(embedding[0])
+        embedding = lazy
         x = self._pre_features(tt, feats, embedding, pre)
         plan = intel.plan(task.id, x)
         for e in plan.drift:  # input drift: seen in the features, before any label
@@ -942,6 +975,20 @@ class Agent:
             return None
         emb = task_embedding(self.learner, self.meta, tt, projection=self.projection, features=features)
         return emb if np.isfinite(emb).all() and np.any(emb) else None
+
+    def _embeddings(self, items: Sequence[tuple[TaskTensors, tuple | None]]) -> list[tuple | None]:
+        """A micro-batch's memory embeddings, ``(value,)`` per task as :meth:`_embedding` gives
+        it, from one :func:`~agent.memory.task_embeddings` call (batched ridge solves) over the
+        batched support features; ``None`` entries (embedded lazily, one by one) without memory
+        or when the batched call fails."""
+        if self.memory is None or len(items) < 2:
+            return [None] * len(items)
+        try:
+            vals = task_embeddings(self.learner, self.meta, [tt for tt, _ in items], projection=self.projection,
+                                   features=[None if pre is None else pre[0] for _, pre in items])
+        except Exception:  # noqa: BLE001 - e.g. a malformed task: each task embeds itself (and reports its error)
+            return [None] * len(items)
+        return [(v if np.isfinite(v).all() and np.any(v) else None,) for v in vals]
 
     def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding: "_LazyEmbedding",
                       pre: tuple | None = None) -> dict[str, float]:
@@ -1102,6 +1149,62 @@ class Agent:
         # A warm member's state holds its adapted parameters (started from the neighbour's), so
         # _compact stores what answered.
         return _Adapted(state, out, conf, calls, diverged, members, flags)
+
+    def _warm_select_batch(self, alg: Algorithm, items: Sequence[tuple["_Job", _Adapted, Any]]) -> list[_Adapted]:
+        """:meth:`_adapt` with ``first`` (memory warm starts, ``select``) for tasks of one batched
+        group: ``items`` are ``(job, batched result, meta-init trace)`` with one-member budgets.
+
+        The candidates' screening losses (every neighbour of every task) are one
+        :func:`~agent.batch.start_loss_batch` call and the screened candidates are adapted by one
+        :func:`~agent.batch.guarded_adapt_batch` call with one meta state per candidate; the
+        decisions are :meth:`_adapt`'s, task by task, so the results equal it to float rounding.
+        A task without candidates keeps its batched result.
+        """
+        m, mc = self.metrics, self.config.memory
+        guard = self.config.compute.guard_kwargs()
+        cands: list[tuple[int, dict]] = []
+        for i, (job, _res, _trace) in enumerate(items):
+            neighbours = self._neighbours(job.budget, job.embedding) if alg.iterative else []
+            cands += [(i, overlay(self.meta, init)) for init in self._inits(alg, neighbours, mc.k)]
+        losses = start_loss_batch(alg, [w for _, w in cands], [items[i][0].tt for i, _ in cands]) if cands else []
+        screened: list[list] = [[] for _ in items]
+        for (i, w_meta), loss0 in zip(cands, losses):
+            trace = items[i][2]
+            ref = trace.best_loss if mc.accept_against == "adapted" else trace.losses[0]
+            if math.isfinite(loss0) and loss0 <= mc.accept_ratio * ref:
+                screened[i].append((loss0, len(screened[i]), w_meta))
+        runs: list[tuple[int, dict]] = []
+        for i, lst in enumerate(screened):
+            lst.sort(key=lambda t: t[:2])
+            runs += [(i, w_meta) for _, _, w_meta in lst[: max(1, items[i][0].budget.members - 1)]]
+        adapted = guarded_adapt_batch(alg, [w for _, w in runs], [items[i][0].tt for i, _ in runs],
+                                      [items[i][0].budget.steps for i, _ in runs], min_steps=0, **guard) if runs else []
+        per_task: list[list] = [[] for _ in items]
+        for (i, w_meta), (w_state, w_trace) in zip(runs, adapted):
+            per_task[i].append((w_meta, w_state, w_trace))
+        out = []
+        for (job, res, trace), warm_runs in zip(items, per_task):
+            if not warm_runs:
+                out.append(res)
+                continue
+            meta, state, best_loss = self.meta, res.state, trace.best_loss
+            calls, diverged, members, flags = res.steps, res.diverged, 1, list(res.flags)
+            for w_meta, w_state, w_trace in warm_runs:
+                calls += w_trace.step_calls
+                diverged = diverged or w_trace.diverged
+                members += 1
+                if w_trace.best_loss < best_loss:
+                    meta, state, best_loss = w_meta, w_state, w_trace.best_loss
+            m.memory_hits.inc(members - 1)
+            if meta is self.meta:
+                out.append(_Adapted(state, res.out, res.conf, calls, diverged, members, flags))
+                continue
+            flags.append("warm_start")
+            with torch.no_grad():
+                pred = alg.predict(meta, state, job.tt.query_x)
+            r = _plain_result(job.tt, state, trace, pred)
+            out.append(_Adapted(state, r.out, r.conf, calls, diverged, members, flags))
+        return out
 
     def _inits(self, alg: Algorithm, neighbours, n: int) -> list[dict]:
         """Warm starts from memory: up to ``n`` neighbours' stored states (absolute parameter

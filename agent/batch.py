@@ -58,7 +58,8 @@ from agent.algorithms.base import Adapted, Algorithm, MetaState, TaskTensors, fu
 from agent.compute import AdaptTrace, guarded_adapt
 from agent.nn.model import embed, subdict
 
-__all__ = ["guarded_adapt_batch", "predict_batch", "embed_batch", "start_batch", "batchable", "shape_key"]
+__all__ = ["guarded_adapt_batch", "predict_batch", "embed_batch", "start_batch", "start_loss_batch", "batchable",
+           "shape_key"]
 
 
 def shape_key(task: TaskTensors) -> tuple:
@@ -72,7 +73,7 @@ def batchable(algorithm: Algorithm) -> bool:
     return bool(algorithm.iterative and getattr(algorithm.model, "vmappable", False))
 
 
-def guarded_adapt_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTensors],
+def guarded_adapt_batch(algorithm: Algorithm, meta: MetaState | Sequence[MetaState], tasks: Sequence[TaskTensors],
                         max_steps: int | Sequence[int], *, patience: int = 2, min_rel_improvement: float = 1e-3,
                         backtrack: bool = True, max_backtracks: int = 4, min_steps: int = 1,
                         holdout: float | str | None = None,
@@ -82,7 +83,10 @@ def guarded_adapt_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[T
     Parameters
     ----------
     algorithm, meta
-        As for :func:`~agent.compute.guarded_adapt`; one meta state for every task.
+        As for :func:`~agent.compute.guarded_adapt`: one meta state for every task, or a sequence
+        of one per task (e.g. memory warm starts, :func:`agent.compute.overlay` of one meta
+        state; the entries that are not the same tensor object in every task's meta are stacked
+        and vmapped with the task).
     tasks
         The tasks, in any mix of shapes; tasks of equal :func:`shape_key` are batched together.
     max_steps
@@ -107,21 +111,101 @@ def guarded_adapt_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[T
     for m in limits:
         if m < 0:
             raise ValueError(f"max_steps must be >= 0, got {m}")
+    metas = _metas(meta, n)
     guard = dict(patience=patience, min_rel_improvement=min_rel_improvement, backtrack=backtrack,
                  max_backtracks=max_backtracks, min_steps=min_steps)
     if holdout is not None or not batchable(algorithm):
-        return [guarded_adapt(algorithm, meta, t, m, holdout=holdout, generator=generator, **guard)
-                for t, m in zip(tasks, limits)]
+        return [guarded_adapt(algorithm, mt, t, m, holdout=holdout, generator=generator, **guard)
+                for mt, t, m in zip(metas, tasks, limits)]
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tasks):
         groups.setdefault(shape_key(t), []).append(i)
     out: list[Any] = [None] * n
     for idx in groups.values():
         if len(idx) == 1:
-            out[idx[0]] = guarded_adapt(algorithm, meta, tasks[idx[0]], limits[idx[0]], **guard)
+            out[idx[0]] = guarded_adapt(algorithm, metas[idx[0]], tasks[idx[0]], limits[idx[0]], **guard)
             continue
-        for i, res in zip(idx, _guard_batch(algorithm, meta, [tasks[i] for i in idx], [limits[i] for i in idx], **guard)):
+        for i, res in zip(idx, _guard_batch(algorithm, [metas[i] for i in idx], [tasks[i] for i in idx],
+                                            [limits[i] for i in idx], **guard)):
             out[i] = res
+    return out
+
+
+def _metas(meta: MetaState | Sequence[MetaState], n: int) -> list[MetaState]:
+    """One meta state per task (the same object ``n`` times for a shared one)."""
+    if isinstance(meta, dict):
+        return [meta] * n
+    metas = list(meta)
+    if len(metas) != n:
+        raise ValueError(f"meta has {len(metas)} entries for {n} tasks")
+    return metas
+
+
+def _split_metas(metas: list[MetaState]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(shared, stacked)``: the entries that are one object in every meta state, and the
+    others stacked (one row per task, detached) for vmap."""
+    first = metas[0]
+    for m in metas[1:]:
+        if m.keys() != first.keys():
+            raise ValueError("per-task meta states must have the same entries")
+    varying = [k for k in first if any(m[k] is not first[k] for m in metas[1:])]
+    shared = {k: v for k, v in first.items() if k not in varying}
+    stacked = {k: torch.stack([m[k].detach() for m in metas]) for k in varying}
+    return shared, stacked
+
+
+def start_loss_batch(algorithm: Algorithm, meta: MetaState | Sequence[MetaState],
+                     tasks: Sequence[TaskTensors]) -> list[float]:
+    """``float(algorithm.support_loss(meta, algorithm.start(meta, task), task))`` per task (no
+    gradient), vmapped over tasks of one :func:`shape_key`; ``meta`` shared or one per task.
+
+    This screens memory warm starts: the support loss of every candidate state of every task of
+    a micro-batch, in one call.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from agent.algorithms.maml import MAML
+    >>> from agent.algorithms.base import TaskTensors
+    >>> from agent.compute import overlay
+    >>> from agent.nn.mlp import MLPFeatures
+    >>> from agent.nn.model import MetaModel
+    >>> maml = MAML(MetaModel(MLPFeatures(1, (8,)), 8, 1, vmappable=True), inner_lr=0.5)
+    >>> meta = maml.init_meta(torch.Generator().manual_seed(0))
+    >>> x = torch.linspace(-3, 3, 6).reshape(6, 1)
+    >>> t = TaskTensors(x, torch.sin(x), x, None, "regression")
+    >>> metas = [meta, overlay(meta, {"head.bias": [1.0]})]
+    >>> got = start_loss_batch(maml, metas, [t, t])
+    >>> with torch.no_grad():
+    ...     want = [float(maml.support_loss(m, maml.start(m, t), t)) for m in metas]
+    >>> all(abs(a - b) <= 1e-5 * (1 + b) for a, b in zip(got, want))
+    True
+    """
+    tasks = list(tasks)
+    metas = _metas(meta, len(tasks))
+    out: list[Any] = [None] * len(tasks)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tasks):
+        groups.setdefault(shape_key(t) if batchable(algorithm) else (i,), []).append(i)
+    with torch.no_grad():
+        for idx in groups.values():
+            if len(idx) == 1:
+                i = idx[0]
+                out[i] = float(algorithm.support_loss(metas[i], algorithm.start(metas[i], tasks[i]), tasks[i]))
+                continue
+            kind, n_way = tasks[idx[0]].kind, tasks[idx[0]].n_way
+            shared, stacked = _split_metas([metas[i] for i in idx])
+            order = list(metas[idx[0]])
+            sx = torch.stack([tasks[i].support_x for i in idx])
+            sy = torch.stack([tasks[i].support_y for i in idx])
+
+            def fn(mv, x, y):
+                m = {k: mv[k] if k in mv else shared[k] for k in order}
+                t = TaskTensors(x, y, x, None, kind, n_way)
+                return algorithm.support_loss(m, algorithm.start(m, t), t)
+
+            for i, v in zip(idx, torch.func.vmap(fn)(stacked, sx, sy).tolist()):
+                out[i] = v
     return out
 
 
@@ -133,7 +217,7 @@ def _rows(d: dict[str, Tensor], rows: Tensor | None) -> dict[str, Tensor]:
     return d if rows is None else {k: v.index_select(0, rows) for k, v in d.items()}
 
 
-def _guard_batch(algorithm: Algorithm, meta: MetaState, tasks: list[TaskTensors], limits: list[int], *,
+def _guard_batch(algorithm: Algorithm, metas: list[MetaState], tasks: list[TaskTensors], limits: list[int], *,
                  patience: int, min_rel_improvement: float, backtrack: bool, max_backtracks: int,
                  min_steps: int) -> list[tuple[Adapted, AdaptTrace]]:
     """The loop of ``agent.compute._guard``, unrolled into ticks over tasks of one shape."""
@@ -141,19 +225,26 @@ def _guard_batch(algorithm: Algorithm, meta: MetaState, tasks: list[TaskTensors]
     kind, n_way = tasks[0].kind, tasks[0].n_way
     sx = torch.stack([t.support_x for t in tasks])
     sy = torch.stack([t.support_y for t in tasks])
+    shared, mvs = _split_metas(metas)  # mvs: the per-task entries (empty for one shared meta)
+    order = list(metas[0])
     start_step = [0]
+
+    def merged(mv: dict) -> MetaState:
+        return {k: mv[k] if k in mv else shared[k] for k in order} if mv else shared
 
     def as_task(x: Tensor, y: Tensor) -> TaskTensors:
         return TaskTensors(x, y, x, None, kind, n_way)
 
-    def start_fn(x, y):
+    def start_fn(mv, x, y):
+        meta = merged(mv)
         t = as_task(x, y)
         s = algorithm.start(meta, t)
         start_step[0] = s.step
         return s.params, s.extras, algorithm.support_loss(meta, s, t)
 
     def step_fn(scale: float, k: int):
-        def fn(p, e, x, y):
+        def fn(mv, p, e, x, y):
+            meta = merged(mv)
             t = as_task(x, y)
             c = algorithm.step(meta, Adapted(p, e, k), t, lr_scale=scale, grad_fn=func_grad)
             prev = c.prev_loss if c.prev_loss is not None else torch.full((), math.nan)
@@ -161,7 +252,7 @@ def _guard_batch(algorithm: Algorithm, meta: MetaState, tasks: list[TaskTensors]
         return torch.func.vmap(fn)
 
     with torch.no_grad():
-        params, extras, loss0 = torch.func.vmap(start_fn)(sx, sy)
+        params, extras, loss0 = torch.func.vmap(start_fn)(mvs, sx, sy)
         # Expanded views of meta (the start state) become real rows that can be overwritten.
         cur_p = {k: v.detach().clone() for k, v in params.items()}
         cur_e = {k: v.detach().clone() for k, v in extras.items()}
@@ -192,7 +283,7 @@ def _guard_batch(algorithm: Algorithm, meta: MetaState, tasks: list[TaskTensors]
             for (s, k), idx in buckets.items():
                 whole = len(idx) == n
                 sel = None if whole else torch.tensor(idx)
-                cp, ce, closs, cprev = step_fn(s, k)(_rows(cur_p, sel), _rows(cur_e, sel),
+                cp, ce, closs, cprev = step_fn(s, k)(_rows(mvs, sel), _rows(cur_p, sel), _rows(cur_e, sel),
                                                      sx if whole else sx.index_select(0, sel),
                                                      sy if whole else sy.index_select(0, sel))
                 acc_rows, acc_tasks, best_rows, best_tasks = [], [], [], []
@@ -244,7 +335,7 @@ def _guard_batch(algorithm: Algorithm, meta: MetaState, tasks: list[TaskTensors]
         if best_step[i] is None or best_step[i] == k0:
             # The start state (no finite candidate, or min_steps 0 and no candidate beat it; a
             # candidate always has a larger step index), built by the algorithm as the loop has it.
-            state = algorithm.start(meta, tasks[i])
+            state = algorithm.start(metas[i], tasks[i])
             tr.best_loss = tr.losses[0]
         else:
             prev = best_prev[i]

@@ -39,7 +39,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from agent.ivf import IVFIndex, _mm, mv
 from agent.algorithms.base import CLASSIFICATION, TaskTensors
 from agent.nn.model import embed, subdict
 
-__all__ = ["MemoryEntry", "MemoryBank", "task_embedding", "random_projection"]
+__all__ = ["MemoryEntry", "MemoryBank", "task_embedding", "task_embeddings", "random_projection"]
 
 _EVICTIONS = ("reservoir", "diversity")
 _INDEXES = ("exact", "ivf")
@@ -163,6 +163,85 @@ def task_embedding(algorithm_or_model: Any, meta: Mapping[str, torch.Tensor], ta
     out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
     norm = np.linalg.norm(out)
     return (out / norm if norm > 0 else out).astype(np.float32)
+
+
+def _unit_rows(v: torch.Tensor) -> torch.Tensor:
+    n = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    return torch.where(n > 1e-12, v / n.clamp_min(1e-300), torch.zeros_like(v))
+
+
+def task_embeddings(algorithm_or_model: Any, meta: Mapping[str, torch.Tensor], tasks: Sequence[TaskTensors], *,
+                    projection: np.ndarray | None = None,
+                    block_weights: tuple[float, float, float] = (1.0, 1.0, 0.5), ridge: float = 0.01,
+                    features: Sequence[torch.Tensor | None] | None = None) -> list[np.ndarray]:
+    """:func:`task_embedding` of each task (the same numbers to float64 rounding), batched.
+
+    Regression tasks whose support features (``features``, one per task, e.g. from
+    :func:`agent.batch.start_batch`) and targets share shapes get one batched ridge solve
+    (``torch.linalg.solve`` on the stacked Gram matrices) and vectorised statistics; every other
+    task goes through :func:`task_embedding`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from agent.nn.mlp import MLPFeatures
+    >>> from agent.nn.model import MetaModel, embed
+    >>> model = MetaModel(MLPFeatures(1, (16,)), 16, 1)
+    >>> params, _ = model.init_state(torch.Generator().manual_seed(0))
+    >>> x = torch.linspace(-5, 5, 10).unsqueeze(1)
+    >>> tasks = [TaskTensors(x, a * torch.sin(x), x, None, "regression") for a in (0.5, 2.0, 3.0)]
+    >>> with torch.no_grad():
+    ...     feats = [embed(model, params, {}, t.support_x) for t in tasks]
+    >>> got = task_embeddings(model, params, tasks, features=feats)
+    >>> all(np.allclose(g, task_embedding(model, params, t), atol=1e-6) for g, t in zip(got, tasks))
+    True
+    """
+    tasks = list(tasks)
+    feats = list(features) if features is not None else [None] * len(tasks)
+    if len(feats) != len(tasks):
+        raise ValueError(f"features has {len(feats)} entries for {len(tasks)} tasks")
+    out: list[Any] = [None] * len(tasks)
+    groups: dict[tuple, list[int]] = {}
+    for i, (t, f) in enumerate(zip(tasks, feats)):
+        if t.kind != CLASSIFICATION and f is not None:
+            groups.setdefault((tuple(f.shape), tuple(t.support_y.shape)), []).append(i)
+        else:
+            out[i] = task_embedding(algorithm_or_model, meta, t, projection=projection, block_weights=block_weights,
+                                    ridge=ridge, features=f)
+    for idx in groups.values():
+        if len(idx) == 1:
+            i = idx[0]
+            out[i] = task_embedding(algorithm_or_model, meta, tasks[i], projection=projection,
+                                    block_weights=block_weights, ridge=ridge, features=feats[i])
+            continue
+        b = len(idx)
+        with torch.no_grad():
+            f = torch.stack([feats[i] for i in idx]).double()
+            n = f.shape[1]
+            f = f.reshape(b, n, -1)
+            mean = f.mean(1)
+            y = torch.stack([tasks[i].support_y.reshape(n, -1) for i in idx]).double()
+            a = torch.cat([f, torch.ones(b, n, 1, dtype=f.dtype)], 2)
+            gram = a.mT @ a
+            lam = ridge * gram.diagonal(dim1=1, dim2=2).mean(1) + 1e-12
+            eye = torch.eye(a.shape[2], dtype=f.dtype)
+            w = torch.linalg.solve(gram + lam[:, None, None] * eye, a.mT @ y)[:, :-1]  # (b, feature_dim, outputs)
+            second = w[..., 0] if w.shape[2] == 1 else w.pow(2).mean(2).sqrt()
+            flat = y.reshape(b, -1)
+            y_std = flat.std(1, unbiased=False) if flat.shape[1] > 1 else torch.zeros(b, dtype=f.dtype)
+            stats = torch.stack([torch.full((b,), -1.0, dtype=f.dtype), torch.zeros(b, dtype=f.dtype),
+                                 torch.full((b,), math.log1p(n) / 5, dtype=f.dtype), torch.tanh(flat.mean(1)),
+                                 torch.tanh(torch.log1p(y_std))], 1)
+            w1, w2, w3 = block_weights
+            v = torch.cat([w1 * _unit_rows(mean), w2 * _unit_rows(second), w3 * _unit_rows(stats)], 1).numpy()
+        if projection is not None:
+            v = v @ projection.astype(np.float64)
+        v = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+        norm = np.linalg.norm(v, axis=1, keepdims=True)
+        v = np.where(norm > 0, v / np.where(norm > 0, norm, 1.0), v).astype(np.float32)
+        for j, i in enumerate(idx):
+            out[i] = v[j]
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,8 +18,11 @@ shuffled rounds, median of per-round paired ratios), three implementations answe
   guarded adaptation with ``max_steps=5`` and the shipped guard settings. The failure
   predictor's actions (escalate, switch, fallback, abstain) and the drift reaction (a wider
   budget for the next tasks) are set never to fire (thresholds 1.0, ``widen_tasks: 0``): they
-  would change the adaptation itself, not add overhead to it. The predictor and detectors still
-  run and learn. The script checks that the agent spent exactly the inner-step calls of the bare
+  would change the adaptation itself, not add overhead to it. So are memory warm starts
+  (``memory.warm_start: off``; memory is still embedded, searched for the selector's features
+  and written): a warm start adapts a second member, extra adaptation the bare loop does not do.
+  An info row (``mb=32 + memory warm starts``) runs the shipped ``select`` warm starts. The
+  predictor and detectors still run and learn. The script checks that the agent spent exactly the inner-step calls of the bare
   loop. Online meta-learning is **off** (it is learning, not overhead: its cost is reported
   separately in an info row, outside the goals);
 * **bare loop** (the goals' reference): for each task, already as tensors, the same
@@ -86,7 +89,10 @@ PIECES = [
     ("parse + validate records", "agent/task.py", "parse_record"),
     ("task -> tensors", "agent/task.py", "to_tensors"),
     ("features (initial loss)", "agent/agent.py", "_features"),
-    ("task embedding (memory)", "agent/memory.py", "task_embedding"),
+    ("task embedding (memory, one task)", "agent/memory.py", "task_embedding"),
+    ("task embeddings (memory, batched ridge solves)", "agent/memory.py", "task_embeddings"),
+    ("memory warm starts (select), batched", "agent/agent.py", "_warm_select_batch"),
+    ("warm-start screening losses, batched", "agent/batch.py", "start_loss_batch"),
     ("learn: score + memory insert", "agent/agent.py", "_learn"),
     ("memory add", "agent/memory.py", "add"),
     ("sink write (JSON + flush)", "agent/streams/sinks.py", "write"),
@@ -95,13 +101,14 @@ PIECES = [
 ]
 
 
-def agent_config(init: str | None, micro_batch: int, online: bool, seed: int, threads: int) -> dict:
+def agent_config(init: str | None, micro_batch: int, online: bool, seed: int, threads: int,
+                 warm_start: str = "off") -> dict:
     return {
         "model": {"arch": "mlp", "hidden": [40, 40]},
         "agent": {"in_shape": [1], "out_dim": 1, "seed": seed, "threads": threads, "init_checkpoint": init,
                   "micro_batch": micro_batch, "arms": [{"algorithm": "maml", "inner_lr": 0.01, "budget": STEPS_LEVEL}]},
         "compute": {"levels": LEVELS, "rate_per_s": 1e9, "capacity": 1e9},
-        "memory": {"enabled": True, "capacity": 2000, "dim": 64, "k": 4},
+        "memory": {"enabled": True, "capacity": 2000, "dim": 64, "k": 4, "warm_start": warm_start},
         "online": {"enabled": online},
         # The predictor and the drift detectors run, but never change the adaptation (module docstring).
         "failure": {"escalate": 1.0, "switch": 1.0, "fallback": 1.0, "abstain": 1.0},
@@ -218,6 +225,8 @@ def main(argv=None) -> int:
         pool = args.rounds + 1
         fns = {f"agent mb={m}": AgentPass(agent_config(init, m, False, args.seed, args.threads), src, tmp, f"a{m}", pool)
                for m in mbs}
+        fns["agent mb=32 + memory warm starts (info)"] = AgentPass(
+            agent_config(init, 32, False, args.seed, args.threads, warm_start="select"), src, tmp, "warm", pool)
         fns["agent mb=8 + online learning (info)"] = AgentPass(agent_config(init, 8, True, args.seed, args.threads), src, tmp,
                                                                "online", pool)
         ref = fns[f"agent mb={mbs[0]}"].agents[0]
@@ -239,6 +248,7 @@ def main(argv=None) -> int:
             work[f"bare batched loop (m={m})"] = bare_batched_pass(alg, meta, tts, cc.patience, cc.max_backtracks, steps, m)
         for m in mbs:
             work[f"agent mb={m}"] = agent_step_calls(fns[f"agent mb={m}"].last_out)
+        work["agent mb=32 + memory warm starts (info)"] = agent_step_calls(fns["agent mb=32 + memory warm starts (info)"].last_out)
         results["step_calls"] = work
         prof = None
         if args.profile:
@@ -258,7 +268,7 @@ def main(argv=None) -> int:
         row = {"ratio": r, "ratio_q": (r1, r3), "overhead": 1 - 1 / r, "tasks_per_s": n / med}
         own = "-"
         mb = name.split("mb=")[1].split()[0] if name.startswith("agent mb=") else None
-        if mb is not None and f"bare batched loop (m={mb})" in fns and "online" not in name:
+        if mb is not None and f"bare batched loop (m={mb})" in fns and "(info)" not in name:
             rb = timing.ratio(name, f"bare batched loop (m={mb})")
             b1, b3 = timing.ratio_quartiles(name, f"bare batched loop (m={mb})")
             row.update({"ratio_batched": rb, "ratio_batched_q": (b1, b3), "overhead_own": 1 - 1 / rb})

@@ -224,3 +224,118 @@ def test_start_batch_and_embed_batch_match_the_per_task_functions():
         states = [s for s, _ in guarded_adapt_batch(alg, meta, tasks, 3)]
         for e, s, t in zip(embed_batch(alg, meta, states, [t.support_x for t in tasks]), states, tasks):
             torch.testing.assert_close(e, alg.embed(meta, s.params, t.support_x, s.step), rtol=1e-5, atol=1e-6)
+
+
+def test_per_task_meta_states_match_the_loop():
+    # One meta state per task (memory warm starts: overlays of one meta with other heads).
+    from agent.compute import overlay
+
+    alg = build("maml", mlp(), inner_lr=0.05)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5)
+    tasks = sine_tasks(7, seed=6)
+    metas = [overlay(meta, {"head.weight": torch.randn(1, 40, generator=g) * 0.3, "head.bias": torch.randn(1, generator=g)})
+             for _ in tasks[:-2]] + [meta, meta]
+    limits = [0, 1, 3, 5, 5, 2, 5]
+    got = guarded_adapt_batch(alg, metas, tasks, limits, min_steps=0)
+    want = [guarded_adapt(alg, m, t, lim, min_steps=0) for m, t, lim in zip(metas, tasks, limits)]
+    assert any(tr.backtracks for _, tr in want)
+    for (s, tr), (s0, tr0) in zip(got, want):
+        for f in EXACT:
+            assert getattr(tr, f) == getattr(tr0, f), f
+        assert tr.losses == pytest.approx(tr0.losses, rel=1e-4, abs=1e-6)
+        assert tr.best_loss == pytest.approx(tr0.best_loss, rel=1e-4, abs=1e-6)
+        for k in s0.params:
+            torch.testing.assert_close(s.params[k], s0.params[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="meta has 2 entries for 7 tasks"):
+        guarded_adapt_batch(alg, metas[:2], tasks, 3)
+
+
+def test_start_loss_batch_matches_support_loss_at_the_start():
+    from agent.compute import overlay
+
+    alg = build("maml", mlp(), inner_lr=0.05)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(8)
+    tasks = sine_tasks(5, seed=9) + sine_tasks(2, k=6, seed=10)  # two shapes
+    metas = [overlay(meta, {"head.bias": torch.randn(1, generator=g)}) for _ in tasks]
+    got = batch.start_loss_batch(alg, metas, tasks)
+    with torch.no_grad():
+        want = [float(alg.support_loss(m, alg.start(m, t), t)) for m, t in zip(metas, tasks)]
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert len(set(want)) == len(want)
+    assert batch.start_loss_batch(alg, meta, tasks[:2]) == pytest.approx(
+        [float(alg.support_loss(meta, alg.start(meta, t), t).detach()) for t in tasks[:2]], rel=1e-5)
+
+
+def test_agent_batched_warm_starts_equal_the_per_task_warm_starts(monkeypatch):
+    # An agent whose memory holds earlier tasks: the batched warm-start screening and adaptation
+    # (Agent._warm_select_batch) answers every task as the per-task Agent._adapt(first=...) does.
+    import numpy as np
+
+    from agent.agent import Agent
+    from agent.task import Task
+
+    cfg = {"model": {"arch": "mlp", "hidden": [16, 16]},
+           "agent": {"in_shape": [1], "out_dim": 1, "arms": [{"algorithm": "maml", "inner_lr": 0.2, "budget": 1}]},
+           "compute": {"levels": [[1, 1], [5, 1], [10, 2]], "rate_per_s": 1e9, "capacity": 1e9},
+           "memory": {"enabled": True, "capacity": 100, "warm_start": "select"}, "online": {"enabled": False},
+           "failure": {"enabled": False}, "drift": {"enabled": False}}
+    rng = np.random.default_rng(3)
+    funcs = [(rng.uniform(0.5, 5.0), rng.uniform(0, np.pi)) for _ in range(6)]
+
+    def tasks(first, n):
+        out = []
+        for i in range(n):
+            a, ph = funcs[i % len(funcs)]
+            x, xq = rng.uniform(-5, 5, (10, 1)), rng.uniform(-5, 5, (8, 1))
+            out.append(Task(f"t-{first + i}", "regression", x, a * np.sin(x - ph), xq, a * np.sin(xq - ph)))
+        return out
+
+    warmup, probe = tasks(0, 12), tasks(100, 12)
+    batched, single = Agent.from_config(cfg), Agent.from_config(cfg)
+    for ag in (batched, single):
+        ag.step_many(warmup)
+        assert len(ag.memory) == 12
+    calls = []
+    real = Agent._warm_select_batch
+    monkeypatch.setattr(Agent, "_warm_select_batch", lambda self, *a: calls.append(1) or real(self, *a))
+    got = batched.step_many(probe)
+    assert calls
+
+    def refuse(self, *a):
+        raise RuntimeError("per-task path")
+
+    monkeypatch.setattr(Agent, "_warm_select_batch", refuse)
+    want = single.step_many(probe)  # falls back to Agent._adapt(first=...) task by task
+    assert sum("warm_start" in o.flags for o in want) >= 3, "warm starts never won: the case is not covered"
+    for a, b in zip(got, want):
+        assert (a.id, a.inner_steps, a.flags, a.budget) == (b.id, b.inner_steps, b.flags, b.budget)
+        np.testing.assert_allclose(np.asarray(a.predictions), np.asarray(b.predictions), rtol=1e-4, atol=1e-5)
+    assert batched.counters == single.counters
+
+
+def test_task_embeddings_match_task_embedding():
+    import numpy as np
+
+    from agent.memory import random_projection, task_embedding, task_embeddings
+    from agent.nn.model import embed
+
+    alg = build("maml", mlp(), inner_lr=0.05)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    params = {k[len("params."):]: v for k, v in meta.items() if k.startswith("params.")}
+    tasks = sine_tasks(6, seed=2) + sine_tasks(3, k=5, seed=3)
+    x = tasks[0].support_x
+    tasks.append(TaskTensors(x, (x[:, 0] > 0).long(), x, None, "classification", 2))  # the per-task path
+    tasks.append(TaskTensors(tasks[0].support_x, torch.zeros(10, 1), tasks[0].query_x, None, "regression"))  # y std 0
+    with torch.no_grad():
+        feats = [embed(alg.model, params, {}, t.support_x) if t.kind == "regression" else None for t in tasks]
+    proj = random_projection(2 * 40 + 5, 32, seed=1)
+    for projection in (None, proj):
+        got = task_embeddings(alg, meta, tasks, projection=projection, features=feats)
+        want = [task_embedding(alg, meta, t, projection=projection) for t in tasks]
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="features has 1 entries for 11 tasks"):
+        task_embeddings(alg, meta, tasks, features=feats[:1])
