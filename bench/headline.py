@@ -37,7 +37,7 @@ are improvements; :func:`agent.probes.continual_from_probes`), inner-step units 
 task (mean and p95). Across seeds: mean ± 95% t-interval (``agent.stats.mean_ci``), and each
 ablation's paired difference to the full agent on the same stream seeds (``paired_t_test``).
 
-    flock /tmp/ma-heavy.lock python bench/headline.py --out bench/results/headline.json
+    python bench/headline.py --out bench/results/headline.json
 """
 
 from __future__ import annotations

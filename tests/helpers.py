@@ -42,3 +42,12 @@ def write_sine_inputs(path: Path, n: int, seed: int = 0, shots: int = 10) -> lis
             lines.append('{"type": "task", "id": ')  # bad_json, no id
     path.write_text("\n".join(lines) + "\n")
     return ids
+
+
+def task_line(i: int) -> bytes:
+    """One wire-format sine task line with inline labels (5 support, 3 query points), seeded by ``i``."""
+    rng = np.random.default_rng(i)
+    x, q = rng.uniform(-5, 5, (5, 1)), rng.uniform(-5, 5, (3, 1))
+    return json.dumps({"type": "task", "id": f"t-{i}", "kind": "regression",
+                       "support": {"x": x.tolist(), "y": np.sin(x).tolist()},
+                       "query": {"x": q.tolist(), "y": np.sin(q).tolist()}}).encode()

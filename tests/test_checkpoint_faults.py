@@ -10,26 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from agent import checkpoint as ckpt
 from agent.agent import Agent
 from agent.streams import JsonlSink
 from agent.streams.sources import Record
+from helpers import task_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"arch": "mlp", "hidden": [8]}, "agent": {"in_shape": [1], "out_dim": 1},
           "compute": {"levels": [[1, 1]]}, "memory": {"capacity": 100}, "online": {"every": 4, "replay": 1},
           "checkpoint": {"every_s": 1000.0, "keep": 5}}
-
-
-def task_line(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    x, q = rng.uniform(-5, 5, (5, 1)), rng.uniform(-5, 5, (3, 1))
-    return json.dumps({"type": "task", "id": f"t-{i}", "kind": "regression",
-                       "support": {"x": x.tolist(), "y": np.sin(x).tolist()},
-                       "query": {"x": q.tolist(), "y": np.sin(q).tolist()}}).encode()
 
 
 def two_checkpoints(root: Path) -> tuple[Path, Path]:

@@ -8,7 +8,6 @@ import os
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,6 +15,7 @@ from agent.agent import Agent
 from agent.config import Config
 from agent.daemon import DEFAULT_METRICS_ADDR, parse_addr
 from agent.online import persist
+from helpers import task_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"model": {"arch": "mlp", "hidden": [8]}, "agent": {"in_shape": [1], "out_dim": 1},
@@ -30,14 +30,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def task_line(i: int) -> bytes:
-    rng = np.random.default_rng(i)
-    x, q = rng.uniform(-5, 5, (5, 1)), rng.uniform(-5, 5, (3, 1))
-    return json.dumps({"type": "task", "id": f"t-{i}", "kind": "regression",
-                       "support": {"x": x.tolist(), "y": np.sin(x).tolist()},
-                       "query": {"x": q.tolist(), "y": np.sin(q).tolist()}}).encode()
 
 
 def replace_file(ckpt_dir: Path, name: str, data: bytes) -> None:
