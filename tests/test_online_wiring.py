@@ -161,3 +161,17 @@ def test_an_arm_chosen_but_never_credited_is_not_scored_as_untried():
     sel.learn({"x": 1.0}, "b@1", 0.5)
     sc = sel.scores({"x": 1.0})
     assert math.isfinite(sc[Arm("a", 1)]) and math.isfinite(sc[Arm("b", 1)])
+
+
+def test_failure_predictor_pending_store_is_bounded_like_the_agents():
+    # An unlabelled task the agent dropped from its pending table can never be learned from, so
+    # the predictor keeps no more than the agent does (plus one micro-batch).
+    config = {"model": {"arch": "mlp", "hidden": [8]}, "agent": {**AGENT, "micro_batch": 2},
+              "limits": {"pending_max": 5}}
+    agent = Agent.from_config(config)
+    assert agent.intel.predictor.max_pending == 7
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        x, xq = rng.uniform(-5, 5, (6, 1)), rng.uniform(-5, 5, (4, 1))
+        agent.step(Task(f"u{i}", "regression", x, np.sin(x), xq, None))
+    assert len(agent.pending) == 5 and len(agent.intel.predictor.pending) <= 7

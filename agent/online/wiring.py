@@ -169,7 +169,10 @@ class OnlineIntelligence:
             self.selector = ContextFreeSelector(self.arms, sc.policy, burn_in=max(1, sc.burn_in),
                                                 reward_range=tuple(sc.reward_range), seed=seed)
         self.thresholds = DecisionThresholds(fc.escalate, fc.switch, fc.fallback, fc.abstain)
-        self.predictor = FailurePredictor(thresholds=self.thresholds, prior=fc.prior, window_size=fc.window)
+        # A task the agent no longer holds as pending (limits.pending_max) can never get its label:
+        # the predictor's own store is bounded alike (plus one micro-batch planned before learning).
+        self.predictor = FailurePredictor(thresholds=self.thresholds, prior=fc.prior, window_size=fc.window,
+                                          max_pending=config.limits.pending_max + config.agent.micro_batch)
         self.warmup = int(fc.warmup)
         default = config.agent.arms[config.agent.default_arm]
         self.safe_arm = parse_arm(fc.safe_arm) if fc.safe_arm else Arm(default.algorithm, 0 if default.budget == "adaptive"
