@@ -343,14 +343,35 @@ def _features_from_loss(tt: TaskTensors, loss: float) -> dict[str, float]:
             "n_query": float(tt.query_x.shape[0]), "init_loss": loss, "norm_init_loss": norm}
 
 
+def _answer_output(tt: TaskTensors, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw query outputs as answered: float64, class probabilities and their confidence."""
+    out = out.double()
+    if tt.kind != CLASSIFICATION:
+        return out, None
+    out = torch.softmax(out[..., : int(tt.n_way)], dim=-1)
+    return out, out.max(dim=-1).values
+
+
 def _plain_result(tt: TaskTensors, state, trace, out: torch.Tensor) -> _Adapted:
     """What :meth:`Agent._adapt` makes of one guarded adaptation and its query output."""
-    out = out.double()
-    conf = None
-    if tt.kind == CLASSIFICATION:
-        out = torch.softmax(out[..., : int(tt.n_way)], dim=-1)
-        conf = out.max(dim=-1).values
+    out, conf = _answer_output(tt, out)
     return _Adapted(state, out, conf, trace.step_calls, trace.diverged, 1, ["backtracked"] if trace.backtracks else [])
+
+
+def _pick_member(meta, state, best_loss: float, calls: int, diverged: bool, warm_runs) -> tuple:
+    """The meta-initialisation's result against warm-started ``(meta, state, trace)`` runs: the
+    lowest support loss answers (ties keep the earlier one); step calls and divergence add up.
+
+    Returns ``(meta, state, calls, diverged, members)``.
+    """
+    members = 1
+    for w_meta, w_state, w_trace in warm_runs:
+        calls += w_trace.step_calls
+        diverged = diverged or w_trace.diverged
+        members += 1
+        if w_trace.best_loss < best_loss:
+            meta, state, best_loss = w_meta, w_state, w_trace.best_loss
+    return meta, state, calls, diverged, members
 
 
 class _LazyEmbedding:
@@ -795,13 +816,14 @@ class Agent:
                 done_traces[k] = trace
         warmed: dict[int, tuple[_Adapted, float]] = {}
         if warm:  # memory warm starts (select) for the batched tasks: screened and adapted in batches too
+            job_of = dict(jobs)
             for members in groups.values():
                 ks = [k for k, _ in members if k in done]
                 if not ks:
                     continue
                 t0 = time.perf_counter()
                 try:
-                    outs = self._warm_select_batch(members[0][1].alg, [(dict(jobs)[k], done[k][0], done_traces[k]) for k in ks])
+                    outs = self._warm_select_batch(members[0][1].alg, [(job_of[k], done[k][0], done_traces[k]) for k in ks])
                 except Exception:  # noqa: BLE001 - warm-start these tasks one by one below
                     log.exception("batched warm starts failed; trying %d tasks one by one", len(ks))
                     continue
@@ -1119,36 +1141,33 @@ class Agent:
         if trace.backtracks:
             flags.append("backtracked")
         if mc.warm_start == "select" and neighbours:
-            best_loss = trace.best_loss
-            ref = best_loss if mc.accept_against == "adapted" else trace.losses[0]
             screened = []
             for init in self._inits(alg, neighbours, mc.k):
                 w_meta = overlay(self.meta, init)
                 with torch.no_grad():
                     loss0 = float(alg.support_loss(w_meta, alg.start(w_meta, tt), tt))
-                if math.isfinite(loss0) and loss0 <= mc.accept_ratio * ref:
+                if self._warm_accepted(loss0, trace):
                     screened.append((loss0, len(screened), w_meta))
             screened.sort(key=lambda t: t[:2])
-            for _, _, w_meta in screened[: max(1, budget.members - 1)]:
-                w_state, w_trace = guarded_adapt(alg, w_meta, tt, budget.steps, min_steps=0, **guard)
-                calls += w_trace.step_calls
-                diverged = diverged or w_trace.diverged
-                members += 1
-                if w_trace.best_loss < best_loss:
-                    meta, state, best_loss = w_meta, w_state, w_trace.best_loss
+            runs = [(w_meta, *guarded_adapt(alg, w_meta, tt, budget.steps, min_steps=0, **guard))
+                    for _, _, w_meta in screened[: max(1, budget.members - 1)]]
+            meta, state, calls, diverged, members = _pick_member(meta, state, trace.best_loss, calls, diverged, runs)
             if members > 1:
                 m.memory_hits.inc(members - 1)
             if meta is not self.meta:
                 flags.append("warm_start")
         with torch.no_grad():
-            out = alg.predict(meta, state, tt.query_x).double()
-        conf = None
-        if tt.kind == CLASSIFICATION:
-            out = torch.softmax(out[..., : int(tt.n_way)], dim=-1)
-            conf = out.max(dim=-1).values
+            out, conf = _answer_output(tt, alg.predict(meta, state, tt.query_x))
         # A warm member's state holds its adapted parameters (started from the neighbour's), so
         # _compact stores what answered.
         return _Adapted(state, out, conf, calls, diverged, members, flags)
+
+    def _warm_accepted(self, loss0: float, trace) -> bool:
+        """Whether a warm start whose support loss before any step is ``loss0`` is a candidate,
+        against the meta-initialisation's ``trace`` (``memory.accept_against``, ``accept_ratio``)."""
+        mc = self.config.memory
+        ref = trace.best_loss if mc.accept_against == "adapted" else trace.losses[0]
+        return math.isfinite(loss0) and loss0 <= mc.accept_ratio * ref
 
     def _warm_select_batch(self, alg: Algorithm, items: Sequence[tuple["_Job", _Adapted, Any]]) -> list[_Adapted]:
         """:meth:`_adapt` with ``first`` (memory warm starts, ``select``) for tasks of one batched
@@ -1169,9 +1188,7 @@ class Agent:
         losses = start_loss_batch(alg, [w for _, w in cands], [items[i][0].tt for i, _ in cands]) if cands else []
         screened: list[list] = [[] for _ in items]
         for (i, w_meta), loss0 in zip(cands, losses):
-            trace = items[i][2]
-            ref = trace.best_loss if mc.accept_against == "adapted" else trace.losses[0]
-            if math.isfinite(loss0) and loss0 <= mc.accept_ratio * ref:
+            if self._warm_accepted(loss0, items[i][2]):
                 screened[i].append((loss0, len(screened[i]), w_meta))
         runs: list[tuple[int, dict]] = []
         for i, lst in enumerate(screened):
@@ -1187,23 +1204,17 @@ class Agent:
             if not warm_runs:
                 out.append(res)
                 continue
-            meta, state, best_loss = self.meta, res.state, trace.best_loss
-            calls, diverged, members, flags = res.steps, res.diverged, 1, list(res.flags)
-            for w_meta, w_state, w_trace in warm_runs:
-                calls += w_trace.step_calls
-                diverged = diverged or w_trace.diverged
-                members += 1
-                if w_trace.best_loss < best_loss:
-                    meta, state, best_loss = w_meta, w_state, w_trace.best_loss
+            meta, state, calls, diverged, members = _pick_member(self.meta, res.state, trace.best_loss, res.steps,
+                                                                 res.diverged, warm_runs)
+            flags = list(res.flags)
             m.memory_hits.inc(members - 1)
             if meta is self.meta:
                 out.append(_Adapted(state, res.out, res.conf, calls, diverged, members, flags))
                 continue
             flags.append("warm_start")
             with torch.no_grad():
-                pred = alg.predict(meta, state, job.tt.query_x)
-            r = _plain_result(job.tt, state, trace, pred)
-            out.append(_Adapted(state, r.out, r.conf, calls, diverged, members, flags))
+                answer, conf = _answer_output(job.tt, alg.predict(meta, state, job.tt.query_x))
+            out.append(_Adapted(state, answer, conf, calls, diverged, members, flags))
         return out
 
     def _inits(self, alg: Algorithm, neighbours, n: int) -> list[dict]:
