@@ -187,6 +187,17 @@ def make_regressor(name: str = "linear", seed: int | None = 0):
     raise ValueError(f"selector.model: unknown regressor {name!r}; known: {', '.join(REGRESSORS)}")
 
 
+def _checked(arm, known, reward: float) -> tuple["Arm", float]:
+    """``arm`` parsed and known to the policy, ``reward`` a finite float (else KeyError / ValueError)."""
+    arm = parse_arm(arm)
+    if arm not in known:
+        raise KeyError(f"unknown arm {arm}")
+    r = float(reward)
+    if not math.isfinite(r):
+        raise ValueError("reward must be finite (use reward() to map a diverged task)")
+    return arm, r
+
+
 class ContextualSelector(_Boost):
     """Per-arm River regressors of the reward from task features, with exploration.
 
@@ -272,12 +283,7 @@ class ContextualSelector(_Boost):
 
     def learn(self, features: Mapping[str, float], arm, reward: float) -> None:
         """Update ``arm``'s model with the observed reward (call when the labels arrive)."""
-        arm = parse_arm(arm)
-        if arm not in self.models:
-            raise KeyError(f"unknown arm {arm}")
-        r = float(reward)
-        if not math.isfinite(r):
-            raise ValueError("reward must be finite (use reward() to map a diverged task)")
+        arm, r = _checked(arm, self.models, reward)
         self.models[arm].learn_one(dict(features), r)
         self.counts[arm] += 1
         self.mean_reward[arm].update(r)
@@ -376,12 +382,7 @@ class ContextFreeSelector(_Boost):
 
     def learn(self, features: Mapping[str, float] | None, arm, reward: float) -> None:
         """Update the policy with ``arm``'s reward (mapped for policies that need it)."""
-        arm = parse_arm(arm)
-        if arm not in self.counts:
-            raise KeyError(f"unknown arm {arm}")
-        r = float(reward)
-        if not math.isfinite(r):
-            raise ValueError("reward must be finite (use reward() to map a diverged task)")
+        arm, r = _checked(arm, self.counts, reward)
         key = str(arm)
         if POLICIES[self.policy_name]:
             # proba.Beta counts any truthy value as a success: Bernoulli-ise the [0, 1] reward
