@@ -33,7 +33,7 @@ import torch
 
 from agent.algorithms.base import CLASSIFICATION, TaskTensors
 
-__all__ = ["SPLITS", "LabelledSet", "split_classes", "EpisodeSampler", "ClassFamily", "to_float_images"]
+__all__ = ["SPLITS", "LabelledSet", "split_classes", "EpisodeSampler", "ClassFamily", "draw_examples", "to_float_images"]
 
 SPLITS = ("train", "val", "test")
 
@@ -194,6 +194,26 @@ def to_float_images(x: np.ndarray) -> torch.Tensor:
     return t.float().div_(255.0) if x.dtype == np.uint8 else t.float()
 
 
+def draw_examples(index, classes, k_shot: int, k_query: int, rng: np.random.Generator, *, shuffle: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint support and query examples of ``classes``, labelled ``0..len(classes)-1`` in that order.
+
+    ``index[c]`` holds the example indices of class ``c``. Returns ``(support_idx, support_y,
+    query_idx, query_y)``, each set shuffled (one permutation per set) unless ``shuffle`` is false.
+    """
+    s_idx, q_idx = [], []
+    for c in classes:
+        pick = rng.choice(index[int(c)], size=k_shot + k_query, replace=False)
+        s_idx.append(pick[:k_shot])
+        q_idx.append(pick[k_shot:])
+    s_idx, q_idx = np.concatenate(s_idx), np.concatenate(q_idx)
+    s_y, q_y = np.repeat(np.arange(len(classes)), k_shot), np.repeat(np.arange(len(classes)), k_query)
+    if shuffle:
+        ps, pq = rng.permutation(len(s_idx)), rng.permutation(len(q_idx))
+        s_idx, s_y, q_idx, q_y = s_idx[ps], s_y[ps], q_idx[pq], q_y[pq]
+    return s_idx, s_y, q_idx, q_y
+
+
 class EpisodeSampler:
     """Draws N-way K-shot classification tasks from some classes of a :class:`LabelledSet`.
 
@@ -234,20 +254,8 @@ class EpisodeSampler:
 
     def sample_indices(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Sample indices and task labels: ``(support_idx, support_y, query_idx, query_y)``."""
-        index = self.dataset.indices()
         chosen = rng.choice(self.classes, size=self.n_way, replace=False)  # random order = random relabelling
-        s_idx, q_idx = [], []
-        for c in chosen:
-            pick = rng.choice(index[int(c)], size=self.k_shot + self.k_query, replace=False)
-            s_idx.append(pick[: self.k_shot])
-            q_idx.append(pick[self.k_shot:])
-        s_idx, q_idx = np.concatenate(s_idx), np.concatenate(q_idx)
-        s_y = np.repeat(np.arange(self.n_way), self.k_shot)
-        q_y = np.repeat(np.arange(self.n_way), self.k_query)
-        if self.shuffle:
-            ps, pq = rng.permutation(len(s_idx)), rng.permutation(len(q_idx))
-            s_idx, s_y, q_idx, q_y = s_idx[ps], s_y[ps], q_idx[pq], q_y[pq]
-        return s_idx, s_y, q_idx, q_y
+        return draw_examples(self.dataset.indices(), chosen, self.k_shot, self.k_query, rng, shuffle=self.shuffle)
 
     def sample(self, rng: np.random.Generator) -> TaskTensors:
         """One task; deterministic given the generator's state."""

@@ -313,21 +313,13 @@ class SyntheticStream:
 
     def _episode(self, fam, classes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         # The segment's classes in a fixed order (= fixed labelling); fresh images each task.
-        from agent.data.episodes import to_float_images
+        from agent.data.episodes import draw_examples, to_float_images
 
-        index = fam.dataset.indices()
-        s_idx, q_idx = [], []
-        for c in classes:
-            pick = rng.choice(index[int(c)], size=fam.k_shot + fam.k_query, replace=False)
-            s_idx.append(pick[: fam.k_shot])
-            q_idx.append(pick[fam.k_shot:])
-        s_idx, q_idx = np.concatenate(s_idx), np.concatenate(q_idx)
-        s_y, q_y = np.repeat(np.arange(len(classes)), fam.k_shot), np.repeat(np.arange(len(classes)), fam.k_query)
-        ps, pq = rng.permutation(len(s_idx)), rng.permutation(len(q_idx))
-        sx, qx = (to_float_images(fam.dataset.x[i]).numpy() for i in (s_idx[ps], q_idx[pq]))
+        s_idx, s_y, q_idx, q_y = draw_examples(fam.dataset.indices(), classes, fam.k_shot, fam.k_query, rng)
+        sx, qx = (to_float_images(fam.dataset.x[i]).numpy() for i in (s_idx, q_idx))
         if self.flatten:
             sx, qx = sx.reshape(len(sx), -1), qx.reshape(len(qx), -1)
-        return sx, s_y[ps], qx, q_y[pq]
+        return sx, s_y, qx, q_y
 
     def _round(self, a: np.ndarray, compact: bool = False) -> list:
         """``a`` as nested lists of numbers with ``digits`` significant digits; ``compact``
