@@ -13,6 +13,13 @@ features, and picks the arm with the best prediction plus exploration:
   ``argmax pred + bonus / sqrt(n_arm)`` (a count bonus that favours rarely tried arms);
 * ``"ucb"``: ``argmax pred + bonus * sqrt(log N / n_arm)`` over the per-arm predictions.
 
+With an ``evidence`` store (:class:`~agent.online.arm_memory.ArmMemory`, the ``selector.evidence_k``
+option) and a task embedding passed to :meth:`ContextualSelector.choose`, the prediction of an
+arm is instead its k-NN reward estimate over similar past tasks and the bonus is
+``bonus / sqrt(1 + evidence)`` (the summed similarity weight): a per-task estimate that the
+regressors, over global features, average away. The regressors still learn every reward (they
+answer for tasks without an embedding, and :meth:`ContextualSelector.predict` without one).
+
 Until every arm has been chosen ``burn_in`` times the selector goes round-robin (cold start);
 the round-robin counts choices (or labelled pulls, if more), so delayed labels (or an answer credited to
 another arm after a switch) do not make it pick the same lagging arm again and again.
@@ -54,6 +61,7 @@ import random
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from agent.online.arm_memory import ArmMemory
 from river import bandit, forest, linear_model, neighbors, optim, preprocessing, proba, stats
 
 __all__ = ["Arm", "parse_arm", "reward", "ContextualSelector", "ContextFreeSelector", "POLICIES", "REGRESSORS",
@@ -219,10 +227,32 @@ class ContextualSelector(_Boost):
         Round-robin pulls per arm before the models decide.
     seed
         Seed of the selector's own rng.
+    evidence
+        An :class:`~agent.online.arm_memory.ArmMemory` over these arms (or ``True`` for one with
+        the default settings): per-task k-NN estimates for tasks whose embedding is given.
+
+    Examples
+    --------
+    With evidence, the best arm can differ between two tasks with the same features (here every
+    arm's reward is learned on every task, as the agent's counterfactual evaluations give it):
+
+    >>> import numpy as np
+    >>> sel = ContextualSelector(["a@1", "b@1"], seed=0, burn_in=1, evidence=True)
+    >>> e = {0: np.array([1.0, 0.0]), 1: np.array([0.0, 1.0])}
+    >>> for t in range(40):
+    ...     _ = sel.choose({}, embedding=e[t % 2])
+    ...     for arm in sel.arms:
+    ...         sel.learn({}, arm, 1.0 if (arm.algorithm == "a") == (t % 2 == 0) else 0.0, embedding=e[t % 2])
+    >>> str(sel.choose({}, explore=False, embedding=e[0])), str(sel.choose({}, explore=False, embedding=e[1]))
+    ('a@1', 'b@1')
     """
 
+    evidence: ArmMemory | None = None  # class default: states pickled before it existed load
+    tasks: int = 0
+
     def __init__(self, arms: Sequence, model=None, *, exploration: str = "egreedy", epsilon: float = 0.05,
-                 bonus: float | None = None, burn_in: int = 5, seed: int | None = 0):
+                 bonus: float | None = None, burn_in: int = 5, seed: int | None = 0,
+                 evidence: "ArmMemory | bool | None" = None):
         if exploration not in ("egreedy", "ucb"):
             raise ValueError(f"exploration must be 'egreedy' or 'ucb', got {exploration!r}")
         self.arms = _arms(arms)
@@ -237,23 +267,43 @@ class ContextualSelector(_Boost):
         self.counts = {a: 0 for a in self.arms}
         self.mean_reward = {a: stats.Mean() for a in self.arms}
         self.n = 0
+        self.tasks = 0  # choices made while exploring: the clock of the evidence rows
+        if evidence is True:
+            evidence = ArmMemory(self.arms)
+        if evidence is False:
+            evidence = None
+        if evidence is not None and set(evidence.arms) != set(self.arms):
+            raise ValueError("evidence: its arms must be the selector's arms")
+        self.evidence = evidence
         self._init_boost()
 
     def __repr__(self) -> str:
         return f"ContextualSelector(arms={[str(a) for a in self.arms]}, exploration={self.exploration!r}, n={self.n})"
 
-    def predict(self, features: Mapping[str, float]) -> dict[Arm, float]:
-        """Predicted reward of each arm for ``features``."""
+    def _evidence(self, embedding) -> dict | None:
+        """``{arm: (estimate, evidence)}`` from the arm memory, or None without memory or embedding."""
+        if self.evidence is None or embedding is None:
+            return None
+        return self.evidence.estimate(embedding, self.tasks)
+
+    def predict(self, features: Mapping[str, float], embedding=None) -> dict[Arm, float]:
+        """Predicted reward of each arm for ``features`` (the evidence estimate where there is one)."""
         out = {}
         for a, m in self.models.items():
-            p = m.predict_one(dict(features)) if self.counts[a] else 0.0
+            p = m.predict_one(dict(features)) if self.counts[a] or self.mean_reward[a].n else 0.0
             out[a] = float(p) if p is not None and math.isfinite(p) else 0.0
+        ev = self._evidence(embedding)
+        if ev is not None:
+            out.update({a: est for a, (est, _) in ev.items() if math.isfinite(est)})
         return out
 
-    def scores(self, features: Mapping[str, float], factor: float = 1.0) -> dict[Arm, float]:
+    def scores(self, features: Mapping[str, float], factor: float = 1.0, embedding=None) -> dict[Arm, float]:
         """Prediction plus exploration bonus per arm (what :meth:`choose` maximises when exploiting)."""
-        preds = self.predict(features)
         c = self.bonus * factor
+        ev = self._evidence(embedding)
+        if ev is not None:
+            return {a: (est + c / math.sqrt(1.0 + w)) if math.isfinite(est) else math.inf for a, (est, w) in ev.items()}
+        preds = self.predict(features)
         total = max(1, sum(self.counts.values()))
         out = {}
         chosen = getattr(self, "chosen", None) or self.counts
@@ -267,27 +317,35 @@ class ContextualSelector(_Boost):
                 out[a] = p + c / math.sqrt(n)
         return out
 
-    def choose(self, features: Mapping[str, float], *, explore: bool = True) -> Arm:
-        """The arm for a task with ``features`` (round-robin during burn-in)."""
+    def choose(self, features: Mapping[str, float], *, explore: bool = True, embedding=None) -> Arm:
+        """The arm for a task with ``features`` (round-robin during burn-in); ``embedding``: the
+        task's embedding, for the evidence estimates (ignored without an arm memory)."""
         factor = self._tick_boost() if explore else 1.0
         if explore:
+            self.tasks = getattr(self, "tasks", 0) + 1
             arm = self._burn_in_arm()
             if arm is not None:
                 return self._note_choice(arm)
             if self.exploration == "egreedy" and self._rng.random() < min(1.0, self.epsilon * factor):
                 return self._note_choice(self._rng.choice(self.arms))
-        sc = self.scores(features, factor) if explore else self.predict(features)
+        sc = self.scores(features, factor, embedding) if explore else self.predict(features, embedding)
         best = max(sc.values())
         arm = next(a for a in self.arms if sc[a] == best)
         return self._note_choice(arm) if explore else arm
 
-    def learn(self, features: Mapping[str, float], arm, reward: float) -> None:
-        """Update ``arm``'s model with the observed reward (call when the labels arrive)."""
+    def learn(self, features: Mapping[str, float], arm, reward: float, embedding=None, *, pulled: bool = True) -> None:
+        """Update ``arm``'s model (and the arm memory, given the task's ``embedding``) with the
+        observed reward (call when the labels arrive). ``pulled`` false: a reward of an arm that did
+        not answer (a counterfactual evaluation): learned, but not counted as a pull (``counts``,
+        ``n``: the burn-in and the count bonus see only what answered)."""
         arm, r = _checked(arm, self.models, reward)
         self.models[arm].learn_one(dict(features), r)
-        self.counts[arm] += 1
+        if self.evidence is not None and embedding is not None:
+            self.evidence.add(embedding, arm, r, getattr(self, "tasks", 0))
+        if pulled:
+            self.counts[arm] += 1
+            self.n += 1
         self.mean_reward[arm].update(r)
-        self.n += 1
 
 
 # -- River's context-free policies as baselines ------------------------------------------------
