@@ -888,7 +888,7 @@ class Agent:
             lazy.preset(embedding[0])
         embedding = lazy
         x = self._pre_features(tt, feats, embedding, pre)
-        plan = intel.plan(task.id, x)
+        plan = intel.plan(task.id, x, embedding=embedding() if self.memory is not None and intel.uses_embedding else None)
         for e in plan.drift:  # input drift: seen in the features, before any label
             m.drift_events.labels(signal=e.signal, detector=e.detector).inc()
         arm, base = self._arm_and_base(plan, feats)
@@ -1286,15 +1286,41 @@ class Agent:
             if emb is not None:
                 self._memory_add(MemoryEntry(task.id, emb, {k: v.numpy() for k, v in entry.state.items()},
                                              alg.name, entry.budget, quality, bool(score["failed"]), timestamp=time.time()))
+        online_emb = None
+        if entry.online and self.memory is not None and self.intel.uses_embedding:
+            online_emb = entry.embedding if embedding is None else embedding()
+        cf = self._counterfactuals(task, tt, entry) if entry.online else []  # before the meta state moves on
         if self.config.online.enabled:
             self._online_batch.append(tt)
             if len(self._online_batch) >= self.config.online.every:
                 self._online_update()
         out = {"id": task.id, "failed": bool(score["failed"])}
         out.update({k: score[k] for k in ("accuracy", "mse") if k in score})
-        if entry.online and self._learn_online(task.id, score, entry.online):
+        if entry.online and self._learn_online(task.id, score, entry.online, online_emb, cf):
             out["drift"] = True
         return out
+
+    def _counterfactuals(self, task: Task, tt: TaskTensors, entry: _Pending) -> list[tuple[str, float, int]]:
+        """``(arm, quality, inner-step calls)`` of the other arms on a labelled task, for the selector
+        (``selector.counterfactual``; none on the other tasks): each adapted from the current meta
+        state on the support set with its base budget (one member, no warm start; an adaptive ``@0``
+        arm: the first level) and scored on the query. Learning compute: summed by the online
+        intelligence (``counterfactual_steps``), never charged to a reward or the token bucket."""
+        rows = []
+        guard = self.config.compute.guard_kwargs()
+        for arm in self.intel.counterfactual_arms(entry.online.get("arm")):
+            alg = self.algorithms[self._arm_index[arm.algorithm]]
+            steps = int(arm.budget) if arm.budget else self.levels[0].steps
+            state, trace = guarded_adapt(alg, self.meta, tt, steps, **guard)
+            with torch.no_grad():
+                out, _ = _answer_output(tt, alg.predict(self.meta, state, tt.query_x))
+            if tt.kind == CLASSIFICATION:
+                pred = out.argmax(dim=-1).numpy()
+            else:
+                pred = out.reshape(out.shape[0], *task.support_y.shape[1:]).numpy() if task.support_y.ndim > 1 \
+                    else out.reshape(-1).numpy()
+            rows.append((str(arm), quality_of(_score(task, pred, self.config.online.fail_threshold)), trace.step_calls))
+        return rows
 
     def _memory_add(self, entry: MemoryEntry) -> None:
         """Offer ``entry`` to memory; update the entries and bytes gauges in O(1).
@@ -1311,13 +1337,16 @@ class Agent:
         self.metrics.memory_entries.set(len(mem))
         self.metrics.memory_bytes.set(self._memory_nbytes)
 
-    def _learn_online(self, task_id: str, score: Mapping[str, Any], info: Mapping[str, Any]) -> bool:
-        """Feed a labelled outcome to the online intelligence and export its state; True on a drift."""
+    def _learn_online(self, task_id: str, score: Mapping[str, Any], info: Mapping[str, Any], embedding=None,
+                      counterfactual=()) -> bool:
+        """Feed a labelled outcome (and the other arms' ``counterfactual`` rows, :meth:`_counterfactuals`)
+        to the online intelligence and export its state; True on a drift."""
         m, intel = self.metrics, self.intel
         failed = bool(score["failed"])
         quality = quality_of(score)
         got = intel.learn(task_id, info.get("x"), info.get("arm"), quality, failed, float(info.get("compute", 0)),
-                          float(info.get("lam", intel.lam)), info.get("variants", {}))
+                          float(info.get("lam", intel.lam)), info.get("variants", {}), embedding=embedding)
+        intel.learn_counterfactual(info.get("x"), counterfactual, float(info.get("lam", intel.lam)), embedding)
         m.failure_predictions.labels(predicted=str(bool(info.get("predicted"))).lower(), actual=str(failed).lower()).inc()
         for stage, q in intel.predictor.quality.items():
             summ = q.summary()

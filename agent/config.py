@@ -392,7 +392,11 @@ class SelectorConfig:
     base budget of ``steps`` inner steps, or ``@0``: a budget picked from ``compute.levels`` by the
     predicted failure probability. Empty: one arm per ``agent.arms`` entry (``@0`` for an
     ``adaptive`` budget, else the steps of its fixed level). ``policy`` ``contextual`` is the
-    per-arm River regressor with exploration; ``fixed`` is the original default/escalate rule of
+    per-arm River regressor with exploration, plus (``evidence_k`` > 0) per-arm k-NN reward
+    estimates over similar past tasks (:mod:`agent.online.arm_memory`), fed by the chosen arm's
+    reward and, on a ``counterfactual`` share of the labelled tasks, by evaluating every other arm
+    on the labelled task too (adapt on the support, score on the query: learning compute, counted
+    in ``counterfactual_steps``, never in the reward); ``fixed`` is the original default/escalate rule of
     ``agent``; the others are River's context-free policies (baselines).
     """
 
@@ -406,6 +410,11 @@ class SelectorConfig:
     burn_in: int = option(3, ge=0, doc="round-robin pulls per arm first")
     lam: float = option(0.005, ge=0.0, doc="reward = quality - lam * inner-step calls")
     reward_range: tuple[float, ...] = option((-1.0, 1.0), doc="reward scale for thompson, bayes_ucb, exp3")
+    evidence_k: int = option(10, ge=0, doc="contextual: similar past tasks per arm in the arm memory "
+                             "(k-NN reward estimate on the task embedding; needs memory.enabled); 0: regressors only")
+    counterfactual: float = option(1.0, ge=0.0, le=1.0,
+                                   doc="contextual: share of labelled tasks on which the other arms are also "
+                                       "evaluated (learning compute, counted apart); 0: bandit feedback only")
 
     def _validate(self, path: str) -> None:
         if len(self.reward_range) != 2 or not self.reward_range[1] > self.reward_range[0]:

@@ -43,11 +43,13 @@ Examples
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from agent.compute import Budget, BudgetLevels
+from agent.online.arm_memory import ArmMemory
 from agent.online.drift import DriftEvent, DriftMonitor
 from agent.online.experiments import Experiment
 from agent.online.features import PRE_KEYS
@@ -152,6 +154,10 @@ class OnlineIntelligence:
     journal: list | None = None  # class defaults, so states pickled before these existed load
     algorithms: list | None = None
     input_feature: str | None = None
+    counterfactual_rate: float = 0.0
+    counterfactual_tasks: int = 0
+    counterfactual_steps: float = 0.0
+    _cf_rng: random.Random | None = None
 
     def __init__(self, config, seed: int = 0):
         sc, fc, dc = config.selector, config.failure, config.drift
@@ -162,7 +168,11 @@ class OnlineIntelligence:
         if sc.policy == "contextual":
             self.selector = ContextualSelector(self.arms, make_regressor(sc.model, seed),
                                                exploration=sc.exploration, epsilon=sc.epsilon, bonus=sc.bonus,
-                                               burn_in=sc.burn_in, seed=seed)
+                                               burn_in=sc.burn_in, seed=seed,
+                                               evidence=ArmMemory(self.arms, k=sc.evidence_k) if sc.evidence_k else None)
+            # evaluating the other arms on a labelled task (learning compute, counted apart)
+            self.counterfactual_rate = float(sc.counterfactual)
+            self._cf_rng = random.Random(seed)
         elif sc.policy == "fixed":
             self.selector = None  # the agent's original Policy decides
         else:
@@ -202,9 +212,18 @@ class OnlineIntelligence:
     def _features(self, x: Mapping[str, float], algorithm: str, steps: int) -> dict[str, float]:
         return arm_features(x, algorithm, steps, self.algorithms or list(dict.fromkeys(a.algorithm for a in self.arms)))
 
-    def plan(self, task_id: str, x: Mapping[str, float]) -> Plan:
-        """Arm, experiment variants and pre-stage P(failure) of that arm for a task with pre-features ``x``."""
-        arm = self.selector.choose(x) if self.selector is not None else self.arms[0]
+    @property
+    def uses_embedding(self) -> bool:
+        """Whether the selector reads the task embedding (an arm memory, ``selector.evidence_k``)."""
+        return getattr(self.selector, "evidence", None) is not None
+
+    def plan(self, task_id: str, x: Mapping[str, float], embedding=None) -> Plan:
+        """Arm, experiment variants and pre-stage P(failure) of that arm for a task with pre-features ``x``
+        (and ``embedding``, the task embedding, for the selector's arm memory)."""
+        if isinstance(self.selector, ContextualSelector):
+            arm = self.selector.choose(x, embedding=embedding)
+        else:
+            arm = self.selector.choose(x) if self.selector is not None else self.arms[0]
         variants, overrides = {}, {}
         for name, exp in self.experiments.items():
             v = exp.assign(task_id)
@@ -247,6 +266,29 @@ class OnlineIntelligence:
             return max(others, key=lambda a: pred[a])
         return others[0]
 
+    def counterfactual_arms(self, credited: str | None) -> list[Arm]:
+        """The arms to evaluate on a labelled task besides the ``credited`` one: every other arm on a
+        ``selector.counterfactual`` share of the tasks (drawn with this object's own seeded rng),
+        none otherwise or without a contextual selector."""
+        rate = getattr(self, "counterfactual_rate", 0.0)
+        if rate <= 0 or not isinstance(self.selector, ContextualSelector) or self._cf_rng is None:
+            return []
+        if rate < 1 and self._cf_rng.random() >= rate:
+            return []
+        return [a for a in self.arms if str(a) != credited]
+
+    def learn_counterfactual(self, x: Mapping[str, float] | None, rows, lam: float, embedding=None) -> None:
+        """Teach the selector the other arms' rewards on a labelled task: ``rows`` of
+        ``(arm, quality, inner-step calls)`` from evaluating them (adapted on the support, scored on
+        the query). Their compute is learning compute, summed in ``counterfactual_steps``."""
+        rows = list(rows)
+        if not rows or not isinstance(self.selector, ContextualSelector) or x is None:
+            return
+        self.counterfactual_tasks = getattr(self, "counterfactual_tasks", 0) + 1
+        for arm, quality, compute in rows:
+            self.counterfactual_steps = getattr(self, "counterfactual_steps", 0.0) + float(compute)
+            self.selector.learn(x, parse_arm(arm), reward(quality, compute, lam), embedding=embedding, pulled=False)
+
     def count(self, action: str) -> None:
         self.actions[action] += 1
 
@@ -286,11 +328,11 @@ class OnlineIntelligence:
 
     # -- when labels arrive -------------------------------------------------------------------
     def learn(self, task_id: str, x: Mapping[str, float] | None, arm: str | None, quality: float, failed: bool,
-              compute: float, lam: float, variants: Mapping[str, str]) -> dict[str, Any]:
+              compute: float, lam: float, variants: Mapping[str, str], embedding=None) -> dict[str, Any]:
         """Feed an outcome to every piece; returns ``{"reward", "drift": [DriftEvent]}``.
 
         ``arm`` is the credited arm (:meth:`record`; ``None``: the selector learns nothing) and
-        ``compute`` the compute charged to it.
+        ``compute`` the compute charged to it; ``embedding``: the task's, for the arm memory.
         """
         pending = self.predictor.pending.get(task_id)
         probs = (pending.p_pre, pending.p_post) if pending is not None else (None, None)
@@ -299,7 +341,10 @@ class OnlineIntelligence:
         if self.selector is not None and arm is not None and x is not None:
             a = parse_arm(arm)
             if a in self.selector.counts:
-                self.selector.learn(x, a, r)
+                if isinstance(self.selector, ContextualSelector):
+                    self.selector.learn(x, a, r, embedding=embedding)
+                else:
+                    self.selector.learn(x, a, r)
         if arm in self.reward_n:
             self.reward_sum[arm] += r
             self.reward_n[arm] += 1
@@ -343,4 +388,6 @@ class OnlineIntelligence:
         return {"experiments": {n: e.status().as_dict() for n, e in self.experiments.items()},
                 "failure": self.predictor.summary(), "actions": {a: self.actions.get(a, 0) for a in ACTIONS},
                 "drift": dict(self.drift.n_detections) if self.drift is not None else {},
-                "selector": {str(a): n for a, n in self.selector.counts.items()} if self.selector is not None else {}}
+                "selector": {str(a): n for a, n in self.selector.counts.items()} if self.selector is not None else {},
+                "counterfactual": {"tasks": getattr(self, "counterfactual_tasks", 0),
+                                   "steps": getattr(self, "counterfactual_steps", 0.0)}}
