@@ -35,7 +35,13 @@ the budget of the fixed arms); a last run, "agent as shipped", turns the failure
    (the mean over arms), the per-task oracle (best arm on each task) and, for reference, the
    per-family oracle (best arm per family in hindsight). Goal: the selector closes >= 50% of the
    gap between the best single arm and the per-task oracle. The per-family table shows that no
-   single arm is best everywhere.
+   single arm is best everywhere. The selector as shipped learns from each labelled task the
+   answering arm's reward and, on a ``selector.counterfactual`` share of them (default all), the
+   other arms' too, evaluated by the agent on the labelled task (adapted on the support, scored on
+   the query; it never changes an answer: the counterfactual check covers it): that learning
+   compute is printed apart from the answering compute, which alone enters the reward.
+   ``--counterfactual 0`` gives the bandit-feedback-only selector, ``--evidence-k 0`` the per-arm
+   regressors without the arm memory.
 3. **Drift**: the agent's drift alarms (ADWIN on the log normalised initial support loss, before
    labels: the ``input`` signal; ADWIN on quality and HDDM_A on failures, at the label: the
    ``drift`` flag shows on the same outcome for an input alarm, on the next for an outcome alarm),
@@ -86,7 +92,7 @@ def pretrain(steps: int, seed: int, threads: int, out_dir: str):
 
 
 def base_config(init: str, lam: float, arms, policy: str = "contextual", actions: bool = False,
-                model: str | None = None) -> dict:
+                model: str | None = None, selector: dict | None = None) -> dict:
     return {
         "model": {"arch": "mlp", "hidden": [40, 40]},
         "agent": {"in_shape": [1], "out_dim": 1, "init_checkpoint": init, "seed": 0,
@@ -97,7 +103,7 @@ def base_config(init: str, lam: float, arms, policy: str = "contextual", actions
         # neighbour's stored state), breaking the exact counterfactuals: memory only feeds features
         "memory": {"warm_start": "off"},
         "selector": {"policy": policy, "arms": list(arms), "lam": lam, "burn_in": 3,
-                     **({"model": model} if model else {})},
+                     **({"model": model} if model else {}), **(selector or {})},
         # shipped thresholds (agent/configs/demo.yaml) when actions are on; otherwise never reached
         "failure": {"warmup": 30} if actions else {"warmup": 30, **OFF},
         "drift": {"widen_tasks": 50 if actions else 0},
@@ -127,7 +133,8 @@ def run(config: dict, seed: int, n: int) -> dict:
     wall = time.perf_counter() - t0
     mon = agent.intel.drift
     events = [(e.signal, e.index) for e in mon.events] if mon is not None else []
-    return {"rows": rows, "wall_s": wall, "summary": agent.intel.predictor.summary(), "events": events,
+    cf = agent.intel.status()["counterfactual"]
+    return {"rows": rows, "wall_s": wall, "summary": agent.intel.predictor.summary(), "events": events, "counterfactual": cf,
             "boundaries": stream.boundaries_upto(n), "families": [r["family"] for r in rows]}
 
 
@@ -204,6 +211,9 @@ def selector_block(seed_runs: list[dict]) -> dict:
                          "gap_closed": gap, "family_gap_closed": fam_gap, "counterfactual_max_dev": float(dev),
                          "picks": picks, "selector_late": float(s[len(s) // 2:].mean()),
                          "oracle_late": float(R.max(0)[len(s) // 2:].mean()), "best_late": float(R[best, len(s) // 2:].mean())})
+        per_seed[-1]["answer_steps"] = float(np.mean([r["compute"] for r in sel]))
+        per_seed[-1]["counterfactual_steps"] = runs["selector"]["counterfactual"]["steps"] / len(sel)
+        per_seed[-1]["counterfactual_tasks"] = runs["selector"]["counterfactual"]["tasks"]
         if "shipped" in runs:
             per_seed[-1]["shipped"] = float(np.mean([r["reward"] for r in runs["shipped"]["rows"]]))
         gaps.append(gap)
@@ -312,6 +322,10 @@ def print_selector(sb: dict) -> bool:
                    f3(c["selector"]), c["selector_top_pick"], f3(c["oracle"])])
     print(common.table(["family", "tasks", *ARMS, "selector", "selector's top pick", "per-task oracle"], fr))
     print("\nSelector picks per seed: " + "; ".join(", ".join(f"{a} {n}" for a, n in s["picks"].items()) for s in sb["per_seed"]))
+    print("Selector compute per task: answering (inner-step calls, in the reward) "
+          + ", ".join(f"{s['answer_steps']:.2f}" for s in sb["per_seed"])
+          + "; learning from counterfactual evaluations of the other arms (selector.counterfactual; not in the reward) "
+          + ", ".join(f"{s['counterfactual_steps']:.2f} on {s['counterfactual_tasks']} tasks" for s in sb["per_seed"]))
     late = "; ".join(f"selector {f3(s['selector_late'])} best arm {f3(s['best_late'])} oracle {f3(s['oracle_late'])}"
                      for s in sb["per_seed"])
     print(f"Second half of each stream: {late}")
@@ -355,25 +369,33 @@ def main(argv=None) -> dict:
     p.add_argument("--tolerance", type=int, default=100, help="drift: largest delay that counts as a detection")
     p.add_argument("--selector-model", default=None, choices=("linear", "arf", "knn"),
                    help="selector.model of the contextual runs (default: the config default)")
+    p.add_argument("--counterfactual", type=float, default=None,
+                   help="selector.counterfactual of the contextual runs (default: the config default)")
+    p.add_argument("--evidence-k", type=int, default=None,
+                   help="selector.evidence_k of the contextual runs (default: the config default; 0: regressors only)")
     p.add_argument("--no-shipped", action="store_true", help="skip the run with the failure actions on")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.tasks, args.pretrain_steps, args.warmup, args.tolerance = 1, 60, 100, 10, 30
     common.setup_threads(args.threads)
     info = common.print_header("online intelligence on the agent's mixed stream (issue 4)", args)
+    extra = {k: v for k, v in (("counterfactual", args.counterfactual), ("evidence_k", args.evidence_k)) if v is not None}
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         t0 = time.perf_counter()
         tr = pretrain(args.pretrain_steps, args.seed, args.threads, tmp)
         print(f"pre-training: sinusoid MAML, {tr.step} meta-steps in {time.perf_counter() - t0:.0f} s; "
               f"stream: {MODES}, p_stay 0.99, {args.tasks} tasks x {args.seeds} seeds; arms {', '.join(ARMS)}; lam {args.lam}; "
-              f"selector.model {args.selector_model or SelectorConfig().model}")
+              f"selector.model {args.selector_model or SelectorConfig().model}, "
+              f"evidence_k {extra.get('evidence_k', SelectorConfig().evidence_k)}, "
+              f"counterfactual {extra.get('counterfactual', SelectorConfig().counterfactual)}")
         seed_runs, walls = [], defaultdict(float)
         for k in range(args.seeds):
             s = args.seed + k
             runs = {a: run(base_config(tmp, args.lam, [a]), s, args.tasks) for a in ARMS}
-            runs["selector"] = run(base_config(tmp, args.lam, ARMS, model=args.selector_model), s, args.tasks)
+            runs["selector"] = run(base_config(tmp, args.lam, ARMS, model=args.selector_model, selector=extra), s, args.tasks)
             if not args.no_shipped:
-                runs["shipped"] = run(base_config(tmp, args.lam, ARMS, actions=True, model=args.selector_model), s, args.tasks)
+                runs["shipped"] = run(base_config(tmp, args.lam, ARMS, actions=True, model=args.selector_model, selector=extra),
+                                      s, args.tasks)
             for name, r in runs.items():
                 walls[name] += r["wall_s"]
             seed_runs.append(runs)
