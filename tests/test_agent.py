@@ -455,7 +455,7 @@ def test_batched_features_equal_the_per_task_ones(monkeypatch):
 
     def recorder(agent, key):
         plan, post = agent.intel.plan, agent.intel.post
-        monkeypatch.setattr(agent.intel, "plan", lambda tid, x: (seen[key].append(("pre", tid, x)), plan(tid, x))[1])
+        monkeypatch.setattr(agent.intel, "plan", lambda tid, x, **kw: (seen[key].append(("pre", tid, x)), plan(tid, x, **kw))[1])
         monkeypatch.setattr(agent.intel, "post", lambda tid, x, probe, p: (seen[key].append(("post", tid, probe)),
                                                                         post(tid, x, probe, p))[1])
 
