@@ -199,3 +199,17 @@ def test_agent_save_load_keeps_the_arm_memory(tmp_path, monkeypatch):
     assert agent.intel.status()["counterfactual"] == clone.intel.status()["counterfactual"]
     emb = np.ones(agent.memory.dim)
     assert agent.intel.selector.predict({}, emb) == clone.intel.selector.predict({}, emb)
+
+
+def test_agent_counterfactuals_on_delayed_labels():
+    rng = np.random.default_rng(5)
+    agent = Agent.from_config(cfg(agent=ARMS_CFG, selector={**SEL, "counterfactual": 1.0}, **QUIET))
+    tasks = [sine(rng, i, labels=False) for i in range(6)]
+    full = [sine(np.random.default_rng(5), i) for i in range(6)]  # the same draws, with query labels
+    for t in tasks:
+        agent.step(t)
+    assert agent.intel.status()["counterfactual"]["tasks"] == 0
+    for t in full:
+        assert agent.feedback(t.id, t.query_y) is not None
+    st = agent.intel.status()["counterfactual"]
+    assert st["tasks"] == 6 and st["steps"] > 0
