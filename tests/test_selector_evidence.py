@@ -181,6 +181,8 @@ def test_agent_counterfactual_share_and_off():
     assert off.intel.status()["counterfactual"] == {"tasks": 0, "steps": 0.0}
     assert 10 <= half.intel.status()["counterfactual"]["tasks"] <= 30
     assert noev.intel.selector.evidence is None and not noev.intel.uses_embedding
+    single = Agent.from_config(cfg(agent=ARMS_CFG, selector={**SEL, "arms": ["maml@1"]}, **QUIET))
+    assert not single.intel.uses_embedding and single.intel.counterfactual_arms("maml@1") == []
     assert sum(off.intel.selector.evidence._n.values()) == 40  # bandit feedback: one row per task
 
 

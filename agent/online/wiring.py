@@ -169,7 +169,8 @@ class OnlineIntelligence:
             self.selector = ContextualSelector(self.arms, make_regressor(sc.model, seed),
                                                exploration=sc.exploration, epsilon=sc.epsilon, bonus=sc.bonus,
                                                burn_in=sc.burn_in, seed=seed,
-                                               evidence=ArmMemory(self.arms, k=sc.evidence_k) if sc.evidence_k else None)
+                                               evidence=ArmMemory(self.arms, k=sc.evidence_k)
+                                               if sc.evidence_k and len(self.arms) > 1 else None)  # one arm: nothing to choose
             # evaluating the other arms on a labelled task (learning compute, counted apart)
             self.counterfactual_rate = float(sc.counterfactual)
             self._cf_rng = random.Random(seed)
