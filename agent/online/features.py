@@ -134,11 +134,15 @@ def _ridge(f: Tensor, y: Tensor, ridge: float = 1e-2) -> dict[str, float]:
     In float64 numpy: for few-shot sizes (n x n systems) each torch op would cost more in
     dispatch than in arithmetic.
     """
-    a = f.detach().double().numpy()
+    n = f.shape[0]
+    return _ridge_np(f.detach().double().numpy(), y.detach().reshape(n, -1).double().numpy(), ridge)
+
+
+def _ridge_np(a: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> dict[str, float]:
+    """:func:`_ridge` on float64 arrays ``a`` (n, d) and ``y`` (n, outputs)."""
     n = a.shape[0]
-    y = y.detach().reshape(n, -1).double().numpy()
-    a = np.concatenate([a, np.ones((n, 1))], 1)
-    gram = a @ a.T  # kernel form: n x n, cheap for few-shot sizes
+    # kernel form with an intercept column of ones: [a 1] [a 1]^T = a a^T + 1; n x n, cheap for few-shot sizes
+    gram = a @ a.T + 1.0
     lam = ridge * float(gram.diagonal().mean()) + 1e-9
     with np.errstate(all="ignore"):
         try:
@@ -147,9 +151,10 @@ def _ridge(f: Tensor, y: Tensor, ridge: float = 1e-2) -> dict[str, float]:
             return {"ridge_r2": math.nan, "loo_nmse": math.nan}
         resid = y - hat @ y
         var = y.var(0).sum() + _EPS
-        r2 = 1.0 - (resid ** 2).sum(1).mean() / var
-        loo = resid / np.maximum(1.0 - hat.diagonal(), 1e-6)[:, None]
-        return {"ridge_r2": float(r2), "loo_nmse": float((loo ** 2).sum(1).mean() / var)}
+        sq = (resid ** 2).sum(1)
+        r2 = 1.0 - sq.mean() / var
+        lev = np.maximum(1.0 - hat.diagonal(), 1e-6)
+        return {"ridge_r2": float(r2), "loo_nmse": float((sq / lev ** 2).mean() / var)}
 
 
 def memory_features(memory, embedding: np.ndarray | None, k: int = 5) -> dict[str, float]:
@@ -233,16 +238,17 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
     out["is_classification"] = 1.0 if cls else 0.0
     out["support_size"] = float(n)
     out["dims"] = float(np.prod(x.shape[1:])) if x.dim() > 1 else 1.0
-    xf = x.reshape(n, -1).double()
-    out["input_spread"] = float(xf.std(0, unbiased=False).mean()) if n > 1 else 0.0
+    # The statistics in float64 numpy: for few-shot sizes every torch op costs more in dispatch than in arithmetic.
+    out["input_spread"] = float(x.detach().reshape(n, -1).numpy().astype(np.float64).std(0).mean()) if n > 1 else 0.0
     if features is None:
         with torch.no_grad():
-            f = _embedding(algorithm, meta, x)
-    else:
-        f = features.reshape(features.shape[0], -1).double()
-    out["emb_spread"] = float((f - f.mean(0)).pow(2).sum(1).mean().sqrt())
-    out["emb_norm"] = float(f.norm(dim=1).mean())
+            features = _embedding(algorithm, meta, x)
+    fn = features.detach().reshape(features.shape[0], -1).numpy().astype(np.float64)
+    centred = fn - fn.mean(0)
+    out["emb_spread"] = math.sqrt(float((centred * centred).sum(1).mean()))
+    out["emb_norm"] = float(np.sqrt((fn * fn).sum(1)).mean())
     if cls:
+        f = torch.from_numpy(fn)
         ways = int(task.n_way)
         counts = torch.bincount(y.long(), minlength=ways).double()
         p = counts[counts > 0] / counts.sum()
@@ -256,9 +262,10 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
         out["ways"] = 0.0
         out["shots"] = float(n)
         out["class_balance"] = 1.0
-        out["target_std"] = float(y.double().std(unbiased=False)) if n > 1 else 0.0
+        yn = y.detach().reshape(n, -1).numpy().astype(np.float64)
+        out["target_std"] = float(yn.std()) if n > 1 else 0.0
         if n > 1:
-            r = _ridge(f, y)
+            r = _ridge_np(fn, yn)
             out["ridge_r2"], out["init_loo_nmse"] = r["ridge_r2"], min(r["loo_nmse"], 1e3)
             out["init_loo_score"] = 1.0 / (1.0 + r["loo_nmse"]) if math.isfinite(r["loo_nmse"]) else 0.0
     out["log_shots"] = math.log1p(out["shots"])
@@ -290,7 +297,7 @@ def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, 
     """
     out: dict[str, float] = dict.fromkeys(PROBE_KEYS, 0.0)
     with torch.no_grad():
-        start = algorithm.start(meta, task)
+        start = algorithm.start(meta, task) if init_loss is None or state is None else None
         if init_loss is None:
             init_loss = float(algorithm.support_loss(meta, start, task))
         if state is None:
@@ -305,10 +312,12 @@ def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, 
         out["loss_drop_ratio"] = (init_loss - probe_loss) / (abs(init_loss) + 1e-8)
         if features is None:
             features = algorithm.embed(meta, state.params, task.support_x, state.step)
-        f = features.reshape(task.support_x.shape[0], -1).double()
+        n = task.support_x.shape[0]
         if task.kind == CLASSIFICATION:
+            f = features.reshape(n, -1).double()
             out["loo_score"] = _class_geometry(f, task.support_y, int(task.n_way))["loo_acc"]
-        elif f.shape[0] > 1:
-            out["loo_nmse"] = _ridge(f, task.support_y)["loo_nmse"]
+        elif n > 1:
+            fn = features.detach().reshape(n, -1).numpy().astype(np.float64)
+            out["loo_nmse"] = _ridge_np(fn, task.support_y.detach().reshape(n, -1).numpy().astype(np.float64))["loo_nmse"]
             out["loo_score"] = 1.0 / (1.0 + out["loo_nmse"]) if math.isfinite(out["loo_nmse"]) else math.nan
     return finite(out, flag="probe_nonfinite")
