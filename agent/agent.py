@@ -306,6 +306,7 @@ class _Adapted:
     diverged: bool
     members: int
     flags: list
+    probe_loss: float | None = None  # the answering state's support loss when the guard computed it
 
 
 @dataclass
@@ -923,8 +924,10 @@ class Agent:
         spent = res.steps
         p_fail, action = feats["difficulty"], "none"
         if fc.enabled:
-            if probe is None and alg is self.learner:
-                probe = {"init_loss": feats["init_loss"]}  # the same support loss at the meta-parameters
+            if probe is None:
+                probe = {"init_loss": feats["init_loss"]} if alg is self.learner else {}  # the same support loss at the meta-parameters
+                if res.probe_loss is not None:  # the guard's loss of the answering state: the same forward pass
+                    probe["probe_loss"] = res.probe_loss
             probe = probe_features(alg, self.meta, tt, state=res.state, **(probe or {}))
             p_post, action = intel.post(task.id, x, probe, plan)
             if plan.warm:
@@ -1160,7 +1163,8 @@ class Agent:
             out, conf = _answer_output(tt, alg.predict(meta, state, tt.query_x))
         # A warm member's state holds its adapted parameters (started from the neighbour's), so
         # _compact stores what answered.
-        return _Adapted(state, out, conf, calls, diverged, members, flags)
+        return _Adapted(state, out, conf, calls, diverged, members, flags,
+                        trace.best_loss if meta is self.meta and first is None else None)
 
     def _warm_accepted(self, loss0: float, trace) -> bool:
         """Whether a warm start whose support loss before any step is ``loss0`` is a candidate,
