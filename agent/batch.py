@@ -495,8 +495,9 @@ def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors
         if grad:
             inputs = list(p.values())
             if inputs and loss.requires_grad:
-                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-                gnorm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+                grads = [g.reshape(-1) for g in torch.autograd.grad(loss, inputs, allow_unused=True) if g is not None]
+                flat = torch.cat(grads).double() if grads else torch.zeros(0, dtype=torch.float64)
+                gnorm = math.sqrt(float(flat.dot(flat)))  # one float64 sum of squares (few ops: dispatch dominates here)
             else:
                 gnorm = 0.0
     with torch.no_grad():

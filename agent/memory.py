@@ -141,6 +141,32 @@ def task_embedding(algorithm_or_model: Any, meta: Mapping[str, torch.Tensor], ta
     return (out / norm if norm > 0 else out).astype(np.float32)
 
 
+def mean_np(a: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """``np.mean(a, axis)`` of a float64 array, without its Python-level overhead (same numbers:
+    the same sum divided by the count); several times faster on few-shot-sized arrays.
+
+    Examples
+    --------
+    >>> a = np.random.default_rng(0).standard_normal((10, 3))
+    >>> bool(np.array_equal(mean_np(a, 0), a.mean(0))) and mean_np(a) == a.mean()
+    True
+    """
+    return a.sum(axis) / (a.size if axis is None else a.shape[axis])
+
+
+def var_np(a: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """``np.var(a, axis)`` (population variance) of a float64 array, as :func:`mean_np`.
+
+    Examples
+    --------
+    >>> a = np.random.default_rng(0).standard_normal((10, 3))
+    >>> bool(np.array_equal(var_np(a, 0), a.var(0))) and var_np(a) == a.var()
+    True
+    """
+    c = a - mean_np(a, axis) if axis is None else a - np.expand_dims(mean_np(a, axis), axis)
+    return mean_np(c * c, axis)
+
+
 def _unit_np(v: np.ndarray) -> np.ndarray:
     n = float(np.linalg.norm(v))
     return v / n if n > 1e-12 else np.zeros_like(v)
@@ -151,7 +177,7 @@ def _regression_embedding(f: np.ndarray, task: TaskTensors, block_weights, ridge
     for few-shot sizes every torch op costs more in dispatch than in arithmetic."""
     n = f.shape[0]
     f = f.reshape(n, -1)
-    mean = f.mean(0)
+    mean = mean_np(f, 0)
     y = task.support_y.detach().numpy().reshape(n, -1).astype(np.float64)
     # The task's own ridge head on the features (with an intercept): how the target depends on
     # the inputs. It ranks same-family sinusoids closer than lines or parabolas far more
@@ -159,11 +185,11 @@ def _regression_embedding(f: np.ndarray, task: TaskTensors, block_weights, ridge
     # scale, so the block does not depend on it.
     a = np.concatenate([f, np.ones((n, 1))], 1)
     gram = a.T @ a
-    lam = ridge * float(gram.diagonal().mean()) + 1e-12
+    lam = ridge * float(mean_np(gram.diagonal())) + 1e-12
     w = np.linalg.solve(gram + lam * np.eye(a.shape[1]), a.T @ y)[:-1]  # (feature_dim, outputs)
-    second = w[:, 0] if w.shape[1] == 1 else np.sqrt((w ** 2).mean(1))
-    y_std = float(y.std()) if y.size > 1 else 0.0
-    stats = np.array([-1.0, 0.0, math.log1p(n) / 5, math.tanh(float(y.mean())), math.tanh(math.log1p(y_std))])
+    second = w[:, 0] if w.shape[1] == 1 else np.sqrt(mean_np(w ** 2, 1))
+    y_std = math.sqrt(var_np(y)) if y.size > 1 else 0.0
+    stats = np.array([-1.0, 0.0, math.log1p(n) / 5, math.tanh(float(mean_np(y))), math.tanh(math.log1p(y_std))])
     w1, w2, w3 = block_weights
     return np.concatenate([w1 * _unit_np(mean), w2 * _unit_np(second), w3 * _unit_np(stats)])
 

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from agent.algorithms.base import CLASSIFICATION, Adapted, TaskTensors
+from agent.memory import mean_np, var_np
 from agent.nn.model import embed, subdict
 
 __all__ = ["pre_features", "probe_features", "memory_features", "finite", "PRE_KEYS", "PROBE_KEYS"]
@@ -143,18 +144,18 @@ def _ridge_np(a: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> dict[str, fl
     n = a.shape[0]
     # kernel form with an intercept column of ones: [a 1] [a 1]^T = a a^T + 1; n x n, cheap for few-shot sizes
     gram = a @ a.T + 1.0
-    lam = ridge * float(gram.diagonal().mean()) + 1e-9
+    lam = ridge * float(mean_np(gram.diagonal())) + 1e-9
     with np.errstate(all="ignore"):
         try:
             hat = gram @ np.linalg.inv(gram + lam * np.eye(n))
         except np.linalg.LinAlgError:  # a singular or non-finite system: no fit
             return {"ridge_r2": math.nan, "loo_nmse": math.nan}
         resid = y - hat @ y
-        var = y.var(0).sum() + _EPS
-        sq = (resid ** 2).sum(1)
-        r2 = 1.0 - sq.mean() / var
+        var = var_np(y, 0).sum() + _EPS
+        sq = (resid * resid).sum(1)
+        r2 = 1.0 - mean_np(sq) / var
         lev = np.maximum(1.0 - hat.diagonal(), 1e-6)
-        return {"ridge_r2": float(r2), "loo_nmse": float((sq / lev ** 2).mean() / var)}
+        return {"ridge_r2": float(r2), "loo_nmse": float(mean_np(sq / (lev * lev)) / var)}
 
 
 def memory_features(memory, embedding: np.ndarray | None, k: int = 5) -> dict[str, float]:
@@ -239,14 +240,15 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
     out["support_size"] = float(n)
     out["dims"] = float(np.prod(x.shape[1:])) if x.dim() > 1 else 1.0
     # The statistics in float64 numpy: for few-shot sizes every torch op costs more in dispatch than in arithmetic.
-    out["input_spread"] = float(x.detach().reshape(n, -1).numpy().astype(np.float64).std(0).mean()) if n > 1 else 0.0
+    out["input_spread"] = float(mean_np(np.sqrt(var_np(x.detach().reshape(n, -1).numpy().astype(np.float64), 0)))) \
+        if n > 1 else 0.0
     if features is None:
         with torch.no_grad():
             features = _embedding(algorithm, meta, x)
     fn = features.detach().reshape(features.shape[0], -1).numpy().astype(np.float64)
-    centred = fn - fn.mean(0)
-    out["emb_spread"] = math.sqrt(float((centred * centred).sum(1).mean()))
-    out["emb_norm"] = float(np.sqrt((fn * fn).sum(1)).mean())
+    centred = fn - mean_np(fn, 0)
+    out["emb_spread"] = math.sqrt(float(mean_np((centred * centred).sum(1))))
+    out["emb_norm"] = float(mean_np(np.sqrt((fn * fn).sum(1))))
     if cls:
         f = torch.from_numpy(fn)
         ways = int(task.n_way)
@@ -263,7 +265,7 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
         out["shots"] = float(n)
         out["class_balance"] = 1.0
         yn = y.detach().reshape(n, -1).numpy().astype(np.float64)
-        out["target_std"] = float(yn.std()) if n > 1 else 0.0
+        out["target_std"] = math.sqrt(var_np(yn)) if n > 1 else 0.0
         if n > 1:
             r = _ridge_np(fn, yn)
             out["ridge_r2"], out["init_loo_nmse"] = r["ridge_r2"], min(r["loo_nmse"], 1e3)
