@@ -148,7 +148,7 @@ def mean_np(a: np.ndarray, axis: int | None = None) -> np.ndarray | float:
     Examples
     --------
     >>> a = np.random.default_rng(0).standard_normal((10, 3))
-    >>> bool(np.array_equal(mean_np(a, 0), a.mean(0))) and mean_np(a) == a.mean()
+    >>> bool(np.array_equal(mean_np(a, 0), a.mean(0)) and mean_np(a) == a.mean())
     True
     """
     return a.sum(axis) / (a.size if axis is None else a.shape[axis])
@@ -160,7 +160,7 @@ def var_np(a: np.ndarray, axis: int | None = None) -> np.ndarray | float:
     Examples
     --------
     >>> a = np.random.default_rng(0).standard_normal((10, 3))
-    >>> bool(np.array_equal(var_np(a, 0), a.var(0))) and var_np(a) == a.var()
+    >>> bool(np.array_equal(var_np(a, 0), a.var(0)) and var_np(a) == a.var())
     True
     """
     c = a - mean_np(a, axis) if axis is None else a - np.expand_dims(mean_np(a, axis), axis)
