@@ -77,7 +77,7 @@ from agent.batch import (batchable, embed_batch, guarded_adapt_batch, predict_ba
                          start_loss_batch)
 from agent.compute import Budget, TokenBucket, choose_budget, ensemble_predict, guarded_adapt, overlay
 from agent.config import Config, load as load_config
-from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding, task_embeddings
+from agent.memory import MemoryBank, MemoryEntry, mean_np, random_projection, task_embedding, task_embeddings, var_np
 from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
 from agent.online import persist
 from agent.online.features import finite, pre_features, probe_features
@@ -270,8 +270,8 @@ def _score(task: Task, predictions: np.ndarray, fail_threshold: float) -> dict[s
     pred = np.asarray(predictions, dtype=np.float64).reshape(y.shape[0], -1)
     yy = y.astype(np.float64).reshape(y.shape[0], -1)
     with np.errstate(over="ignore", invalid="ignore"):
-        mse = float(np.mean((pred - yy) ** 2))
-        nmse = mse / max(float(np.var(yy)), 1e-6)
+        mse = float(mean_np((pred - yy) ** 2))  # np.mean / np.var without their Python wrappers
+        nmse = mse / max(float(var_np(yy)), 1e-6)
     ok = math.isfinite(mse)
     return {"mse": mse if ok else math.inf, "nmse": nmse if ok else math.inf,
             "failed": (not ok) or nmse > fail_threshold, "reward": -nmse if ok else -math.inf}
@@ -553,6 +553,7 @@ class Agent:
             detectors={"quality": dc.quality_detector, "failure": dc.failure_detector, "input": dc.input_detector}
             if dc.enabled else {},
             experiments={e.name: list(e.variants) for e in config.experiments})
+        self._children: dict[tuple, Any] = {}  # metric children by (metric, label values), see _child
         self.metrics.state.state("starting")
         self.metrics.memory_capacity.set(mc.capacity if self.memory is not None else 0)
         self.stream_state: dict = {}  # source positions and sink offset of the checkpoint loaded
@@ -720,6 +721,15 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - a bug or numerical trouble must not stop the stream
             log.exception("internal error on record %r", task_id)
             return [self._error(task_id, INTERNAL_ERROR, f"{type(e).__name__}: {e}")]
+
+    def _child(self, metric, *values: str):
+        """``metric.labels(*values)`` (label values in the metric's label order), looked up once:
+        the per-task metric updates then skip prometheus_client's label validation and lock."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def _error(self, task_id: str | None, code: str, message: str) -> dict:
         self.counters["errors"] += 1
@@ -903,7 +913,7 @@ class Agent:
             budget = bump(budget, self.levels)
             flags.append("widened")
         if str(plan.arm) in intel.reward_n:
-            m.selector_pulls.labels(arm=str(plan.arm)).inc()
+            self._child(m.selector_pulls, str(plan.arm)).inc()
         return _Job(task, tt, feats, embedding, x, plan, arm, alg, p_budget, budget, flags)
 
     def _finish(self, job: "_Job", res: _Adapted, adapt_s: float, received: float, *,
@@ -935,7 +945,7 @@ class Agent:
             action, alg, budget, res, extra = self._act(action, plan, x, alg, budget, res, tt, embedding, p_budget)
             spent += extra
             intel.count(action)
-            m.decisions.labels(action=action).inc()
+            self._child(m.decisions, action).inc()
         adapt_s = time.perf_counter() - t0
         self.bucket.take(spent)
         flags += res.flags
@@ -963,10 +973,10 @@ class Agent:
         if self.run_log is not None:
             self.run_log.write_outcome(outcome, seq=self.counters["tasks"] - 1, meta=task.meta, kind=task.kind,
                                        members=res.members)
-        m.tasks.labels(algorithm=alg.name, outcome="answered" if finite_out and not res.diverged else "diverged").inc()
-        m.adapt_seconds.labels(algorithm=alg.name).observe(adapt_s)
-        m.task_seconds.labels(algorithm=alg.name).observe(latency)
-        m.inner_steps.labels(algorithm=alg.name).observe(spent)
+        self._child(m.tasks, alg.name, "answered" if finite_out and not res.diverged else "diverged").inc()
+        self._child(m.adapt_seconds, alg.name).observe(adapt_s)
+        self._child(m.task_seconds, alg.name).observe(latency)
+        self._child(m.inner_steps, alg.name).observe(spent)
         m.ensemble_members.observe(res.members)
         m.budget_tokens.set(self.bucket.available())
         m.p_fail.observe(p_fail)
@@ -1270,20 +1280,20 @@ class Agent:
         self.counters["labelled"] += 1
         if self.run_log is not None:
             self.run_log.write_score(task.id, score.get("accuracy", score.get("mse")), bool(score["failed"]))
-        m.labelled.labels(algorithm=alg.name).inc()
+        self._child(m.labelled, alg.name).inc()
         if "accuracy" in score:
-            m.query_accuracy.labels(algorithm=alg.name).observe(score["accuracy"])
+            self._child(m.query_accuracy, alg.name).observe(score["accuracy"])
             quality = score["accuracy"]
         else:
             if math.isfinite(score["mse"]):
-                m.query_mse.labels(algorithm=alg.name).observe(score["mse"])
+                self._child(m.query_mse, alg.name).observe(score["mse"])
             quality = -score["mse"]
         self.quality_name = "accuracy" if "accuracy" in score else "mse"
         self.recent.append(score.get("accuracy", score.get("mse")))
         del self.recent[:-200]
         if score["failed"]:
             self.counters["failures"] += 1
-            m.failures.labels(algorithm=alg.name).inc()
+            self._child(m.failures, alg.name).inc()
         self.policy.learn(entry.features, entry.arm, score["reward"])
         if self.memory is not None and math.isfinite(quality):
             emb = entry.embedding if embedding is None else embedding()
@@ -1322,15 +1332,15 @@ class Agent:
         quality = quality_of(score)
         got = intel.learn(task_id, info.get("x"), info.get("arm"), quality, failed, float(info.get("compute", 0)),
                           float(info.get("lam", intel.lam)), info.get("variants", {}))
-        m.failure_predictions.labels(predicted=str(bool(info.get("predicted"))).lower(), actual=str(failed).lower()).inc()
+        self._child(m.failure_predictions, str(bool(info.get("predicted"))).lower(), str(failed).lower()).inc()
         for stage, q in intel.predictor.quality.items():
             summ = q.summary()
-            m.failure_predictor_rocauc.labels(stage=stage).set(summ["rocauc"])
-            m.failure_predictor_logloss.labels(stage=stage).set(summ["logloss"])
-            m.failure_predictor_brier.labels(stage=stage).set(summ["brier"])
+            self._child(m.failure_predictor_rocauc, stage).set(summ["rocauc"])
+            self._child(m.failure_predictor_logloss, stage).set(summ["logloss"])
+            self._child(m.failure_predictor_brier, stage).set(summ["brier"])
         arm = info.get("arm")
         if arm in intel.reward_n:
-            m.selector_reward.labels(arm=arm).set(intel.mean_reward(arm))
+            self._child(m.selector_reward, arm).set(intel.mean_reward(arm))
         for e in got["drift"]:
             m.drift_events.labels(signal=e.signal, detector=e.detector).inc()
         for name in info.get("variants", {}):

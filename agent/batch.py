@@ -501,5 +501,9 @@ def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors
             else:
                 gnorm = 0.0
     with torch.no_grad():
-        f = embed(algorithm.model, subdict(m, "params.") or dict(m), subdict(m, "buffers."), task.support_x)
+        params = subdict(m, "params.")
+        if params:  # the algorithm's own functional call: the same forward, less dispatch than torch.func's
+            f = algorithm.embed(m, params, task.support_x)
+        else:
+            f = embed(algorithm.model, dict(m), subdict(m, "buffers."), task.support_x)
     return f, float(loss.detach()), gnorm
