@@ -80,7 +80,7 @@ from agent.config import Config, load as load_config
 from agent.memory import MemoryBank, MemoryEntry, mean_np, random_projection, task_embedding, task_embeddings, var_np
 from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
 from agent.online import persist
-from agent.online.features import finite, pre_features, probe_features
+from agent.online.features import finite, loo_nmse_many, pre_features, probe_features, support_stats_many
 from agent.online.wiring import STATE_VERSION, OnlineIntelligence, Plan, bump, quality_of
 from agent.task import (BAD_TARGET_SHAPE, CLASSIFICATION, DIM_MISMATCH, DUPLICATE_ID, REGRESSION, TOO_LARGE, Feedback, IdRegistry,
                         Limits, Outcome, Task, TaskError, error_record, parse_record)
@@ -792,9 +792,10 @@ class Agent:
         results: list = [None] * len(items)
         jobs: list[tuple[int, _Job]] = []
         embs = self._embeddings([(tt, pre) for _, tt, _, pre in items])
+        stats = self._support_stats(items)
         for k, (task, tt, feats, pre) in enumerate(items):
             try:
-                jobs.append((k, self._plan_task(task, tt, feats, pre, embedding=embs[k])))
+                jobs.append((k, self._plan_task(task, tt, feats, pre, embedding=embs[k], stats=stats[k])))
             except Exception as e:  # noqa: BLE001 - reported for this task only
                 results[k] = e
         groups: dict[tuple, list[tuple[int, _Job]]] = {}
@@ -820,9 +821,10 @@ class Agent:
             except Exception:  # noqa: BLE001 - e.g. a model that does not vmap: adapt these one by one
                 log.exception("batched adaptation failed; adapting %d tasks one by one", len(members))
                 continue
+            loos = self._probe_loos([j.tt for _, j in members], feats)
             share = (time.perf_counter() - t0) / len(members)
-            for (k, job), (state, trace), out, f in zip(members, pairs, outs, feats):
-                probe = {"init_loss": trace.losses[0], "probe_loss": trace.best_loss, "features": f}
+            for (k, job), (state, trace), out, f, loo in zip(members, pairs, outs, feats, loos):
+                probe = {"init_loss": trace.losses[0], "probe_loss": trace.best_loss, "features": f, "loo_nmse": loo}
                 done[k] = (_plain_result(job.tt, state, trace, out), share, probe)
                 done_traces[k] = trace
         warmed: dict[int, tuple[_Adapted, float]] = {}
@@ -882,13 +884,14 @@ class Agent:
         return self._finish(job, res, time.perf_counter() - t0, received)[0]
 
     def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None,
-                   embedding: tuple | None = None) -> "_Job":
+                   embedding: tuple | None = None, stats: Mapping[str, float] | None = None) -> "_Job":
         """Difficulty, pre-features, the plan, arm, algorithm and budget of one task.
 
         ``pre``: ``(support features, initial loss, gradient norm)`` at the meta-parameters from a
         batched pass over the micro-batch (:func:`agent.batch.start_batch`); computed here otherwise.
         ``embedding``: ``(memory embedding,)`` when the micro-batch computed it
-        (:meth:`_embeddings`); computed lazily here otherwise.
+        (:meth:`_embeddings`); computed lazily here otherwise. ``stats``: the task's support
+        statistics when the micro-batch computed them (:meth:`_support_stats`).
         """
         m, intel, fc = self.metrics, self.intel, self.config.failure
         difficulty = self.difficulty.update(feats)
@@ -898,7 +901,7 @@ class Agent:
         if embedding is not None:
             lazy.preset(embedding[0])
         embedding = lazy
-        x = self._pre_features(tt, feats, embedding, pre)
+        x = self._pre_features(tt, feats, embedding, pre, stats)
         plan = intel.plan(task.id, x)
         for e in plan.drift:  # input drift: seen in the features, before any label
             m.drift_events.labels(signal=e.signal, detector=e.detector).inc()
@@ -1025,19 +1028,43 @@ class Agent:
             return [None] * len(items)
         return [(v if np.isfinite(v).all() and np.any(v) else None,) for v in vals]
 
+    def _support_stats(self, items: Sequence[tuple]) -> list[dict | None]:
+        """A micro-batch's support statistics for the pre-features, from one
+        :func:`~agent.online.features.support_stats_many` call (batched ridge fits) over the
+        batched support features; ``None`` entries (computed task by task) when the call fails."""
+        if len(items) < 2:
+            return [None] * len(items)
+        try:
+            return support_stats_many([it[1] for it in items], [None if it[3] is None else it[3][0] for it in items])
+        except Exception:  # noqa: BLE001 - e.g. a malformed task: each task computes its own (and reports its error)
+            return [None] * len(items)
+
+    @staticmethod
+    def _probe_loos(tts: Sequence[TaskTensors], features: Sequence) -> list[float | None]:
+        """The probe's ridge leave-one-out errors of a batched group (:func:`~agent.online.features.loo_nmse_many`);
+        ``None`` entries (computed task by task) without features or when the call fails."""
+        if len(tts) < 2 or any(f is None for f in features):
+            return [None] * len(tts)
+        try:
+            return loo_nmse_many(tts, features)
+        except Exception:  # noqa: BLE001
+            return [None] * len(tts)
+
     def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding: "_LazyEmbedding",
-                      pre: tuple | None = None) -> dict[str, float]:
+                      pre: tuple | None = None, stats: Mapping[str, float] | None = None) -> dict[str, float]:
         """:func:`~agent.online.features.pre_features` plus the difficulty (a cold-start prior).
 
         Memory is searched (and the embedding computed) only when it holds entries: an empty or
         disabled memory gives the same "no neighbours" features without one. ``pre``: support
-        features, initial loss and gradient norm from a batched pass (:func:`agent.batch.start_batch`).
+        features, initial loss and gradient norm from a batched pass (:func:`agent.batch.start_batch`);
+        ``stats``: support statistics from :meth:`_support_stats`.
         """
         emb = embedding() if self.memory is not None and len(self.memory) else None
         grad = self.config.failure.grad_features
         x = pre_features(self.learner, self.meta, tt, self.memory if emb is not None else None,
                          embedding=emb, k=self.config.memory.k, loss_and_grad=grad,
-                         features=None if pre is None else pre[0], init=None if pre is None or not grad else pre[1:])
+                         features=None if pre is None else pre[0], init=None if pre is None or not grad else pre[1:],
+                         stats=stats)
         x["difficulty"] = feats["difficulty"]
         x["log_norm_init_loss"] = math.log(max(feats["norm_init_loss"], 1e-12)) if math.isfinite(feats["norm_init_loss"]) \
             else math.nan
