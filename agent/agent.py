@@ -1065,10 +1065,13 @@ class Agent:
                          embedding=emb, k=self.config.memory.k, loss_and_grad=grad,
                          features=None if pre is None else pre[0], init=None if pre is None or not grad else pre[1:],
                          stats=stats)
-        x["difficulty"] = feats["difficulty"]
-        x["log_norm_init_loss"] = math.log(max(feats["norm_init_loss"], 1e-12)) if math.isfinite(feats["norm_init_loss"]) \
-            else math.nan
-        return finite(x)
+        extra = finite({"difficulty": feats["difficulty"],
+                        "log_norm_init_loss": math.log(max(feats["norm_init_loss"], 1e-12))
+                        if math.isfinite(feats["norm_init_loss"]) else math.nan}, flag="bad")
+        bad = extra.pop("bad")
+        x.update(extra)  # x is finite already (pre_features): only the two new values are checked
+        x["nonfinite"] += bad
+        return x
 
     def _arm_and_base(self, plan: Plan, feats: Mapping[str, float]) -> tuple[int, Budget | None]:
         """Index into ``agent.arms`` and base budget (``None``: adaptive) for the plan."""
