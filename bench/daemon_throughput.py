@@ -99,6 +99,9 @@ PIECES = [
     ("online learners: learn", "agent/agent.py", "_learn_online"),
     ("predict (query, and the guard's support losses)", "agent/algorithms/base.py", "predict"),
     ("parse + validate records", "agent/task.py", "parse_record"),
+    ("features: support features, initial loss, gradient norm", "agent/batch.py", "start_batch"),
+    ("pre-features: support statistics, batched", "agent/online/features.py", "support_stats_many"),
+    ("probe: ridge LOO, batched", "agent/online/features.py", "loo_nmse_many"),
     ("task -> tensors", "agent/task.py", "to_tensors"),
     ("features (initial loss)", "agent/agent.py", "_features"),
     ("task embedding (memory, one task)", "agent/memory.py", "task_embedding"),
@@ -305,6 +308,72 @@ def agent_step_calls(path: Path) -> int:
     return sum(json.loads(line).get("inner_steps", 0) for line in path.read_text().splitlines() if line.strip())
 
 
+def clock_pieces():
+    """``(label, owner, attribute)`` of the agent's pieces timed by :func:`clock_breakdown`."""
+    import agent.agent as agent_mod
+    from agent.online.wiring import OnlineIntelligence
+
+    return [
+        ("parse + validate records", agent_mod, "parse_record"),
+        ("features: support features, initial loss and gradient norm (start_batch)", agent_mod, "start_batch"),
+        ("memory embedding, batched", Agent, "_embeddings"),
+        ("memory embedding, one task", Agent, "_embedding"),
+        ("pre-features: support statistics, batched", Agent, "_support_stats"),
+        ("pre-features (incl. the memory query)", agent_mod, "pre_features"),
+        ("River: selector choice + failure predictor pre + input drift (plan)", OnlineIntelligence, "plan"),
+        ("adaptation, one task (guarded_adapt)", agent_mod, "guarded_adapt"),
+        ("adaptation, batched (guarded_adapt_batch)", agent_mod, "guarded_adapt_batch"),
+        ("query outputs, batched (predict_batch)", agent_mod, "predict_batch"),
+        ("probe features: embedding, batched (embed_batch)", agent_mod, "embed_batch"),
+        ("probe features: ridge LOO, batched", Agent, "_probe_loos"),
+        ("probe features", agent_mod, "probe_features"),
+        ("River: failure predictor post (post)", OnlineIntelligence, "post"),
+        ("learn: score, memory insert, metrics", Agent, "_learn"),
+        ("River: learners + drift detectors (learn)", OnlineIntelligence, "learn"),
+        ("sink write (JSON + flush)", JsonlSink, "write"),
+    ]
+
+
+def clock_breakdown(make_pass) -> tuple[float, list]:
+    """One plain agent pass with a clock around each of :func:`clock_pieces` (exclusive times:
+    a piece running inside another is not counted twice). Returns the pass's seconds and
+    ``(label, seconds)`` per piece, plus the rest (planning, outcome, metrics, the run loop)."""
+    pieces = clock_pieces()
+    acc = {label: 0.0 for label, _, _ in pieces}
+    stack: list[list] = []  # [label, start, nested seconds]
+    clock = time.perf_counter
+    saved = []
+
+    def timed(label, fn):
+        def wrapper(*a, **k):
+            stack.append([label, clock(), 0.0])
+            try:
+                return fn(*a, **k)
+            finally:
+                lab, t0, nested = stack.pop()
+                spent = clock() - t0
+                acc[lab] += spent - nested
+                if stack:
+                    stack[-1][2] += spent
+        return wrapper
+
+    run = make_pass()
+    for label, owner, attr in pieces:
+        fn = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        saved.append((owner, attr, fn))
+        setattr(owner, attr, staticmethod(timed(label, fn.__func__)) if isinstance(fn, staticmethod) else timed(label, fn))
+    try:
+        t0 = clock()
+        run()
+        total = clock() - t0
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+    rows = [(label, acc[label]) for label, _, _ in pieces]
+    rows.append(("rest: planning, outcome, metrics, to_dict, run loop", total - sum(acc.values())))
+    return total, rows
+
+
 def profile_pass(fn) -> tuple[str, list, float]:
     prof = cProfile.Profile()
     prof.enable()
@@ -382,9 +451,11 @@ def main(argv=None) -> int:
         work["agent mb=32 + memory warm starts (info)"] = agent_step_calls(fns["agent mb=32 + memory warm starts (info)"].last_out)
         results["step_calls"] = work
         floor_parts = fns[FLOOR].parts()
-        prof = None
+        prof = breakdown = None
         if args.profile:
             prof = profile_pass(AgentPass(agent_config(init, 8, False, args.seed, args.threads), src, tmp, "prof", 1))
+            breakdown = {m: clock_breakdown(lambda m=m: AgentPass(agent_config(init, m, False, args.seed, args.threads),
+                                                                  src, tmp, f"clock{m}", 1)) for m in mbs}
 
     n = len(tasks)
     bare = timing.median("bare loop")
@@ -463,6 +534,19 @@ def main(argv=None) -> int:
           + ". The goal allows 10%.")
     results["floor"] = floor_res
     if prof is not None:
+        print()
+        print(f"### Where the agent's time goes, ms/task (one plain pass per micro-batch size with a clock around each "
+              f"piece; exclusive times; the bare loops' ms/task for reference: "
+              + ", ".join(f"{k} {1e3 * t / n:.3f}" for k, t in refs) + ")")
+        labels = [label for label, _ in next(iter(breakdown.values()))[1]]
+        brow, results["breakdown"] = [], {}
+        for i, label in enumerate(labels):
+            brow.append([label] + [f"{1e3 * breakdown[m][1][i][1] / n:.3f}" for m in mbs])
+        brow.append(["total (this pass)"] + [f"{1e3 * breakdown[m][0] / n:.3f}" for m in mbs])
+        for m in mbs:
+            results["breakdown"][f"mb={m}"] = {"total_ms_per_task": 1e3 * breakdown[m][0] / n,
+                                                "pieces_ms_per_task": {lab: 1e3 * v / n for lab, v in breakdown[m][1]}}
+        print(common.table(["piece"] + [f"mb={m}" for m in mbs], brow))
         text, pieces, total = prof
         results["profile"] = {"total_s": total, "pieces": [{"label": a, "calls": b, "cum_s": c} for a, b, c in pieces]}
         print()
