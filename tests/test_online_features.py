@@ -171,3 +171,24 @@ def test_batched_support_stats_and_probe_loo_equal_the_per_task_ones():
             p_want = probe_features(alg, meta, tasks[i], steps=1, features=feats[i])
             p_got = probe_features(alg, meta, tasks[i], steps=1, loo_nmse=loos[i])
             assert p_got == pytest.approx(p_want, rel=1e-10, abs=1e-12)
+
+
+def test_support_statistics_match_a_torch_statement_of_their_definition():
+    # pre_features computes these in float64 numpy; written out again in torch here.
+    from agent.online.features import _embedding
+
+    alg = build("maml", MetaModel(MLPFeatures(2, (8,)), 8, 1), inner_lr=0.01)
+    meta = alg.init_meta(torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 2, generator=g) * 3
+    y = x[:, :1] ** 2 + 0.1 * torch.randn(7, 1, generator=g)
+    got = pre_features(alg, meta, TaskTensors(x, y, x, None, "regression"), loss_and_grad=False)
+    with torch.no_grad():
+        f = _embedding(alg, meta, x)
+    xd, yd = x.double(), y.double()
+    want = {"input_spread": float(xd.std(0, unbiased=False).mean()),
+            "emb_spread": float((f - f.mean(0)).pow(2).sum(1).mean().sqrt()),
+            "emb_norm": float(f.norm(dim=1).mean()), "target_std": float(yd.std(unbiased=False)),
+            "dims": 2.0, "support_size": 7.0, "shots": 7.0}
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12), k
