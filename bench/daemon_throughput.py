@@ -50,7 +50,9 @@ ratios), with the overhead share ``1 - bare/agent``. Goals (issue 3): the agent'
 loop of the same m); with micro-batching, throughput above the bare (per-task) loop.
 ``--profile`` runs one extra agent pass (micro-batch 8) under ``cProfile`` and prints the top 10
 functions by cumulative time and the agent's own pieces (inclusive time of each), as a share of
-the pass.
+the pass; and, for every micro-batch size, one plain pass with a clock around each of the
+agent's pieces (``clock_breakdown``: exclusive ms/task, no profiler overhead; a single pass, not
+interleaved, so noisier than the timed rows).
 
     python bench/daemon_throughput.py --train-seconds 30 --tasks 300 --rounds 7 --profile --out bench/results/daemon_throughput.json
 """
