@@ -486,11 +486,25 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
 
 
 def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors, grad: bool) -> tuple[Tensor, float, float]:
-    """:func:`start_batch` for one task, without vmap (the computation of ``_init_loss_and_grad``)."""
+    """:func:`start_batch` for one task, without vmap (the computation of ``_init_loss_and_grad``).
+
+    The support features are those the loss's forward pass computed (caught by a forward hook on
+    the backbone) when that pass ran the backbone exactly once, on the support inputs; otherwise
+    (an algorithm that calls it differently) one more forward pass computes them.
+    """
+    seen: list = []
+    backbone = getattr(algorithm.model, "features", None)
+    hook = backbone.register_forward_hook(lambda _m, args, out: seen.append((args[0] if args else None, out))) \
+        if isinstance(backbone, torch.nn.Module) else None
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            p = {k: v.detach().requires_grad_(grad) for k, v in shared.items()}
+            m = {**rest, **p}
+            loss = algorithm.support_loss(m, algorithm.start(m, task), task)
+    finally:
+        if hook is not None:
+            hook.remove()
     with torch.enable_grad() if grad else torch.no_grad():
-        p = {k: v.detach().requires_grad_(grad) for k, v in shared.items()}
-        m = {**rest, **p}
-        loss = algorithm.support_loss(m, algorithm.start(m, task), task)
         gnorm = math.nan
         if grad:
             inputs = list(p.values())
@@ -502,7 +516,9 @@ def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors
                 gnorm = 0.0
     with torch.no_grad():
         params = subdict(m, "params.")
-        if params:  # the algorithm's own functional call: the same forward, less dispatch than torch.func's
+        if len(seen) == 1 and seen[0][0] is task.support_x and isinstance(seen[0][1], Tensor):
+            f = seen[0][1].detach().clone()  # the same forward pass embed would run
+        elif params:  # the algorithm's own functional call: the same forward, less dispatch than torch.func's
             f = algorithm.embed(m, params, task.support_x)
         else:
             f = embed(algorithm.model, dict(m), subdict(m, "buffers."), task.support_x)
