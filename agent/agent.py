@@ -532,6 +532,8 @@ class Agent:
                 self.projection, dim = random_projection(raw, mc.dim, seed=ac.seed), mc.dim
             self.memory = MemoryBank(mc.capacity, dim, mc.eviction, rng=np.random.default_rng(ac.seed + 1),
                                      **self._index_settings())
+        # float64 once, not per embedding (task_embedding(s) project in float64)
+        self._projection64 = None if self.projection is None else self.projection.astype(np.float64)
         # MemoryBank.nbytes is O(entries); the memory_bytes gauge is kept from this running total
         # instead (see _memory_add), re-read in full only when the bank object is replaced.
         self._memory_tracked: MemoryBank | None = None
@@ -1011,7 +1013,7 @@ class Agent:
         ``features``: the support features under the meta-parameters, when a batched pass has them."""
         if self.memory is None:
             return None
-        emb = task_embedding(self.learner, self.meta, tt, projection=self.projection, features=features)
+        emb = task_embedding(self.learner, self.meta, tt, projection=self._projection64, features=features)
         return emb if np.isfinite(emb).all() and np.any(emb) else None
 
     def _embeddings(self, items: Sequence[tuple[TaskTensors, tuple | None]]) -> list[tuple | None]:
@@ -1022,7 +1024,7 @@ class Agent:
         if self.memory is None or len(items) < 2:
             return [None] * len(items)
         try:
-            vals = task_embeddings(self.learner, self.meta, [tt for tt, _ in items], projection=self.projection,
+            vals = task_embeddings(self.learner, self.meta, [tt for tt, _ in items], projection=self._projection64,
                                    features=[None if pre is None else pre[0] for _, pre in items])
         except Exception:  # noqa: BLE001 - e.g. a malformed task: each task embeds itself (and reports its error)
             return [None] * len(items)

@@ -135,7 +135,7 @@ def task_embedding(algorithm_or_model: Any, meta: Mapping[str, torch.Tensor], ta
     else:
         out = _regression_embedding(features.detach().numpy().astype(np.float64), task, block_weights, ridge)
     if projection is not None:
-        out = out @ projection.astype(np.float64)
+        out = out @ np.asarray(projection, dtype=np.float64)
     out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
     norm = np.linalg.norm(out)
     return (out / norm if norm > 0 else out).astype(np.float32)
@@ -282,7 +282,7 @@ def task_embeddings(algorithm_or_model: Any, meta: Mapping[str, torch.Tensor], t
             w1, w2, w3 = block_weights
             v = torch.cat([w1 * _unit_rows(mean), w2 * _unit_rows(second), w3 * _unit_rows(stats)], 1).numpy()
         if projection is not None:
-            v = v @ projection.astype(np.float64)
+            v = v @ np.asarray(projection, dtype=np.float64)
         v = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
         norm = np.linalg.norm(v, axis=1, keepdims=True)
         v = np.where(norm > 0, v / np.where(norm > 0, norm, 1.0), v).astype(np.float32)
