@@ -632,8 +632,9 @@ def _cast(array: np.ndarray, field: str, role: str) -> np.ndarray:
 
 
 def _to_float32(array: np.ndarray, field: str) -> np.ndarray:
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, reported below
-        array = np.asarray(array, dtype=np.float32)
+    if type(array) is not np.ndarray or array.dtype != np.float32:  # else asarray would return it as is
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, reported below
+            array = np.asarray(array, dtype=np.float32)
     _check_finite(array, field)
     return array
 
