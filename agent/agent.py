@@ -940,7 +940,8 @@ class Agent:
         p_fail, action = feats["difficulty"], "none"
         if fc.enabled:
             if probe is None:
-                probe = {"init_loss": feats["init_loss"]} if alg is self.learner else {}  # the same support loss at the meta-parameters
+                # the same support loss at the meta-parameters
+                probe = {"init_loss": feats["init_loss"]} if alg is self.learner else {}
                 if res.probe_loss is not None:  # the guard's loss of the answering state: the same forward pass
                     probe["probe_loss"] = res.probe_loss
             probe = probe_features(alg, self.meta, tt, state=res.state, **(probe or {}))
