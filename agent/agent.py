@@ -77,10 +77,10 @@ from agent.batch import (batchable, embed_batch, guarded_adapt_batch, predict_ba
                          start_loss_batch)
 from agent.compute import Budget, TokenBucket, choose_budget, ensemble_predict, guarded_adapt, overlay
 from agent.config import Config, load as load_config
-from agent.memory import MemoryBank, MemoryEntry, random_projection, task_embedding, task_embeddings
+from agent.memory import MemoryBank, MemoryEntry, mean_np, random_projection, task_embedding, task_embeddings, var_np
 from agent.metrics import INTERNAL_ERROR, Metrics, build_metrics
 from agent.online import persist
-from agent.online.features import finite, pre_features, probe_features
+from agent.online.features import finite, loo_nmse_many, pre_features, probe_features, support_stats_many
 from agent.online.wiring import STATE_VERSION, OnlineIntelligence, Plan, bump, quality_of
 from agent.task import (BAD_TARGET_SHAPE, CLASSIFICATION, DIM_MISMATCH, DUPLICATE_ID, REGRESSION, TOO_LARGE, Feedback, IdRegistry,
                         Limits, Outcome, Task, TaskError, error_record, parse_record)
@@ -270,8 +270,8 @@ def _score(task: Task, predictions: np.ndarray, fail_threshold: float) -> dict[s
     pred = np.asarray(predictions, dtype=np.float64).reshape(y.shape[0], -1)
     yy = y.astype(np.float64).reshape(y.shape[0], -1)
     with np.errstate(over="ignore", invalid="ignore"):
-        mse = float(np.mean((pred - yy) ** 2))
-        nmse = mse / max(float(np.var(yy)), 1e-6)
+        mse = float(mean_np((pred - yy) ** 2))  # np.mean / np.var without their Python wrappers
+        nmse = mse / max(float(var_np(yy)), 1e-6)
     ok = math.isfinite(mse)
     return {"mse": mse if ok else math.inf, "nmse": nmse if ok else math.inf,
             "failed": (not ok) or nmse > fail_threshold, "reward": -nmse if ok else -math.inf}
@@ -306,6 +306,7 @@ class _Adapted:
     diverged: bool
     members: int
     flags: list
+    probe_loss: float | None = None  # the answering state's support loss when the guard computed it
 
 
 @dataclass
@@ -531,6 +532,8 @@ class Agent:
                 self.projection, dim = random_projection(raw, mc.dim, seed=ac.seed), mc.dim
             self.memory = MemoryBank(mc.capacity, dim, mc.eviction, rng=np.random.default_rng(ac.seed + 1),
                                      **self._index_settings())
+        # float64 once, not per embedding (task_embedding(s) project in float64)
+        self._projection64 = None if self.projection is None else self.projection.astype(np.float64)
         # MemoryBank.nbytes is O(entries); the memory_bytes gauge is kept from this running total
         # instead (see _memory_add), re-read in full only when the bank object is replaced.
         self._memory_tracked: MemoryBank | None = None
@@ -552,6 +555,7 @@ class Agent:
             detectors={"quality": dc.quality_detector, "failure": dc.failure_detector, "input": dc.input_detector}
             if dc.enabled else {},
             experiments={e.name: list(e.variants) for e in config.experiments})
+        self._children: dict[tuple, Any] = {}  # metric children by (metric, label values), see _child
         self.metrics.state.state("starting")
         self.metrics.memory_capacity.set(mc.capacity if self.memory is not None else 0)
         self.stream_state: dict = {}  # source positions and sink offset of the checkpoint loaded
@@ -720,6 +724,15 @@ class Agent:
             log.exception("internal error on record %r", task_id)
             return [self._error(task_id, INTERNAL_ERROR, f"{type(e).__name__}: {e}")]
 
+    def _child(self, metric, *values: str):
+        """``metric.labels(*values)`` (label values in the metric's label order), looked up once:
+        the per-task metric updates then skip prometheus_client's label validation and lock."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def _error(self, task_id: str | None, code: str, message: str) -> dict:
         self.counters["errors"] += 1
         self.metrics.input_errors.labels(code=code).inc()
@@ -781,9 +794,10 @@ class Agent:
         results: list = [None] * len(items)
         jobs: list[tuple[int, _Job]] = []
         embs = self._embeddings([(tt, pre) for _, tt, _, pre in items])
+        stats = self._support_stats(items)
         for k, (task, tt, feats, pre) in enumerate(items):
             try:
-                jobs.append((k, self._plan_task(task, tt, feats, pre, embedding=embs[k])))
+                jobs.append((k, self._plan_task(task, tt, feats, pre, embedding=embs[k], stats=stats[k])))
             except Exception as e:  # noqa: BLE001 - reported for this task only
                 results[k] = e
         groups: dict[tuple, list[tuple[int, _Job]]] = {}
@@ -809,9 +823,10 @@ class Agent:
             except Exception:  # noqa: BLE001 - e.g. a model that does not vmap: adapt these one by one
                 log.exception("batched adaptation failed; adapting %d tasks one by one", len(members))
                 continue
+            loos = self._probe_loos([j.tt for _, j in members], feats)
             share = (time.perf_counter() - t0) / len(members)
-            for (k, job), (state, trace), out, f in zip(members, pairs, outs, feats):
-                probe = {"init_loss": trace.losses[0], "probe_loss": trace.best_loss, "features": f}
+            for (k, job), (state, trace), out, f, loo in zip(members, pairs, outs, feats, loos):
+                probe = {"init_loss": trace.losses[0], "probe_loss": trace.best_loss, "features": f, "loo_nmse": loo}
                 done[k] = (_plain_result(job.tt, state, trace, out), share, probe)
                 done_traces[k] = trace
         warmed: dict[int, tuple[_Adapted, float]] = {}
@@ -871,13 +886,14 @@ class Agent:
         return self._finish(job, res, time.perf_counter() - t0, received)[0]
 
     def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None,
-                   embedding: tuple | None = None) -> "_Job":
+                   embedding: tuple | None = None, stats: Mapping[str, float] | None = None) -> "_Job":
         """Difficulty, pre-features, the plan, arm, algorithm and budget of one task.
 
         ``pre``: ``(support features, initial loss, gradient norm)`` at the meta-parameters from a
         batched pass over the micro-batch (:func:`agent.batch.start_batch`); computed here otherwise.
         ``embedding``: ``(memory embedding,)`` when the micro-batch computed it
-        (:meth:`_embeddings`); computed lazily here otherwise.
+        (:meth:`_embeddings`); computed lazily here otherwise. ``stats``: the task's support
+        statistics when the micro-batch computed them (:meth:`_support_stats`).
         """
         m, intel, fc = self.metrics, self.intel, self.config.failure
         difficulty = self.difficulty.update(feats)
@@ -887,7 +903,7 @@ class Agent:
         if embedding is not None:
             lazy.preset(embedding[0])
         embedding = lazy
-        x = self._pre_features(tt, feats, embedding, pre)
+        x = self._pre_features(tt, feats, embedding, pre, stats)
         plan = intel.plan(task.id, x, embedding=embedding() if self.memory is not None and intel.uses_embedding else None)
         for e in plan.drift:  # input drift: seen in the features, before any label
             m.drift_events.labels(signal=e.signal, detector=e.detector).inc()
@@ -902,7 +918,7 @@ class Agent:
             budget = bump(budget, self.levels)
             flags.append("widened")
         if str(plan.arm) in intel.reward_n:
-            m.selector_pulls.labels(arm=str(plan.arm)).inc()
+            self._child(m.selector_pulls, str(plan.arm)).inc()
         return _Job(task, tt, feats, embedding, x, plan, arm, alg, p_budget, budget, flags)
 
     def _finish(self, job: "_Job", res: _Adapted, adapt_s: float, received: float, *,
@@ -923,8 +939,11 @@ class Agent:
         spent = res.steps
         p_fail, action = feats["difficulty"], "none"
         if fc.enabled:
-            if probe is None and alg is self.learner:
-                probe = {"init_loss": feats["init_loss"]}  # the same support loss at the meta-parameters
+            if probe is None:
+                # the same support loss at the meta-parameters
+                probe = {"init_loss": feats["init_loss"]} if alg is self.learner else {}
+                if res.probe_loss is not None:  # the guard's loss of the answering state: the same forward pass
+                    probe["probe_loss"] = res.probe_loss
             probe = probe_features(alg, self.meta, tt, state=res.state, **(probe or {}))
             p_post, action = intel.post(task.id, x, probe, plan)
             if plan.warm:
@@ -932,7 +951,7 @@ class Agent:
             action, alg, budget, res, extra = self._act(action, plan, x, alg, budget, res, tt, embedding, p_budget)
             spent += extra
             intel.count(action)
-            m.decisions.labels(action=action).inc()
+            self._child(m.decisions, action).inc()
         adapt_s = time.perf_counter() - t0
         self.bucket.take(spent)
         flags += res.flags
@@ -960,10 +979,10 @@ class Agent:
         if self.run_log is not None:
             self.run_log.write_outcome(outcome, seq=self.counters["tasks"] - 1, meta=task.meta, kind=task.kind,
                                        members=res.members)
-        m.tasks.labels(algorithm=alg.name, outcome="answered" if finite_out and not res.diverged else "diverged").inc()
-        m.adapt_seconds.labels(algorithm=alg.name).observe(adapt_s)
-        m.task_seconds.labels(algorithm=alg.name).observe(latency)
-        m.inner_steps.labels(algorithm=alg.name).observe(spent)
+        self._child(m.tasks, alg.name, "answered" if finite_out and not res.diverged else "diverged").inc()
+        self._child(m.adapt_seconds, alg.name).observe(adapt_s)
+        self._child(m.task_seconds, alg.name).observe(latency)
+        self._child(m.inner_steps, alg.name).observe(spent)
         m.ensemble_members.observe(res.members)
         m.budget_tokens.set(self.bucket.available())
         m.p_fail.observe(p_fail)
@@ -995,7 +1014,7 @@ class Agent:
         ``features``: the support features under the meta-parameters, when a batched pass has them."""
         if self.memory is None:
             return None
-        emb = task_embedding(self.learner, self.meta, tt, projection=self.projection, features=features)
+        emb = task_embedding(self.learner, self.meta, tt, projection=self._projection64, features=features)
         return emb if np.isfinite(emb).all() and np.any(emb) else None
 
     def _embeddings(self, items: Sequence[tuple[TaskTensors, tuple | None]]) -> list[tuple | None]:
@@ -1006,29 +1025,56 @@ class Agent:
         if self.memory is None or len(items) < 2:
             return [None] * len(items)
         try:
-            vals = task_embeddings(self.learner, self.meta, [tt for tt, _ in items], projection=self.projection,
+            vals = task_embeddings(self.learner, self.meta, [tt for tt, _ in items], projection=self._projection64,
                                    features=[None if pre is None else pre[0] for _, pre in items])
         except Exception:  # noqa: BLE001 - e.g. a malformed task: each task embeds itself (and reports its error)
             return [None] * len(items)
         return [(v if np.isfinite(v).all() and np.any(v) else None,) for v in vals]
 
+    def _support_stats(self, items: Sequence[tuple]) -> list[dict | None]:
+        """A micro-batch's support statistics for the pre-features, from one
+        :func:`~agent.online.features.support_stats_many` call (batched ridge fits) over the
+        batched support features; ``None`` entries (computed task by task) when the call fails."""
+        if len(items) < 2:
+            return [None] * len(items)
+        try:
+            return support_stats_many([it[1] for it in items], [None if it[3] is None else it[3][0] for it in items])
+        except Exception:  # noqa: BLE001 - e.g. a malformed task: each task computes its own (and reports its error)
+            return [None] * len(items)
+
+    @staticmethod
+    def _probe_loos(tts: Sequence[TaskTensors], features: Sequence) -> list[float | None]:
+        """The probe's ridge leave-one-out errors of a batched group (:func:`~agent.online.features.loo_nmse_many`);
+        ``None`` entries (computed task by task) without features or when the call fails."""
+        if len(tts) < 2 or any(f is None for f in features):
+            return [None] * len(tts)
+        try:
+            return loo_nmse_many(tts, features)
+        except Exception:  # noqa: BLE001
+            return [None] * len(tts)
+
     def _pre_features(self, tt: TaskTensors, feats: Mapping[str, float], embedding: "_LazyEmbedding",
-                      pre: tuple | None = None) -> dict[str, float]:
+                      pre: tuple | None = None, stats: Mapping[str, float] | None = None) -> dict[str, float]:
         """:func:`~agent.online.features.pre_features` plus the difficulty (a cold-start prior).
 
         Memory is searched (and the embedding computed) only when it holds entries: an empty or
         disabled memory gives the same "no neighbours" features without one. ``pre``: support
-        features, initial loss and gradient norm from a batched pass (:func:`agent.batch.start_batch`).
+        features, initial loss and gradient norm from a batched pass (:func:`agent.batch.start_batch`);
+        ``stats``: support statistics from :meth:`_support_stats`.
         """
         emb = embedding() if self.memory is not None and len(self.memory) else None
         grad = self.config.failure.grad_features
         x = pre_features(self.learner, self.meta, tt, self.memory if emb is not None else None,
                          embedding=emb, k=self.config.memory.k, loss_and_grad=grad,
-                         features=None if pre is None else pre[0], init=None if pre is None or not grad else pre[1:])
-        x["difficulty"] = feats["difficulty"]
-        x["log_norm_init_loss"] = math.log(max(feats["norm_init_loss"], 1e-12)) if math.isfinite(feats["norm_init_loss"]) \
-            else math.nan
-        return finite(x)
+                         features=None if pre is None else pre[0], init=None if pre is None or not grad else pre[1:],
+                         stats=stats)
+        extra = finite({"difficulty": feats["difficulty"],
+                        "log_norm_init_loss": math.log(max(feats["norm_init_loss"], 1e-12))
+                        if math.isfinite(feats["norm_init_loss"]) else math.nan}, flag="bad")
+        bad = extra.pop("bad")
+        x.update(extra)  # x is finite already (pre_features): only the two new values are checked
+        x["nonfinite"] += bad
+        return x
 
     def _arm_and_base(self, plan: Plan, feats: Mapping[str, float]) -> tuple[int, Budget | None]:
         """Index into ``agent.arms`` and base budget (``None``: adaptive) for the plan."""
@@ -1160,7 +1206,8 @@ class Agent:
             out, conf = _answer_output(tt, alg.predict(meta, state, tt.query_x))
         # A warm member's state holds its adapted parameters (started from the neighbour's), so
         # _compact stores what answered.
-        return _Adapted(state, out, conf, calls, diverged, members, flags)
+        return _Adapted(state, out, conf, calls, diverged, members, flags,
+                        trace.best_loss if meta is self.meta and first is None else None)
 
     def _warm_accepted(self, loss0: float, trace) -> bool:
         """Whether a warm start whose support loss before any step is ``loss0`` is a candidate,
@@ -1266,20 +1313,20 @@ class Agent:
         self.counters["labelled"] += 1
         if self.run_log is not None:
             self.run_log.write_score(task.id, score.get("accuracy", score.get("mse")), bool(score["failed"]))
-        m.labelled.labels(algorithm=alg.name).inc()
+        self._child(m.labelled, alg.name).inc()
         if "accuracy" in score:
-            m.query_accuracy.labels(algorithm=alg.name).observe(score["accuracy"])
+            self._child(m.query_accuracy, alg.name).observe(score["accuracy"])
             quality = score["accuracy"]
         else:
             if math.isfinite(score["mse"]):
-                m.query_mse.labels(algorithm=alg.name).observe(score["mse"])
+                self._child(m.query_mse, alg.name).observe(score["mse"])
             quality = -score["mse"]
         self.quality_name = "accuracy" if "accuracy" in score else "mse"
         self.recent.append(score.get("accuracy", score.get("mse")))
         del self.recent[:-200]
         if score["failed"]:
             self.counters["failures"] += 1
-            m.failures.labels(algorithm=alg.name).inc()
+            self._child(m.failures, alg.name).inc()
         self.policy.learn(entry.features, entry.arm, score["reward"])
         if self.memory is not None and math.isfinite(quality):
             emb = entry.embedding if embedding is None else embedding()
@@ -1347,15 +1394,15 @@ class Agent:
         got = intel.learn(task_id, info.get("x"), info.get("arm"), quality, failed, float(info.get("compute", 0)),
                           float(info.get("lam", intel.lam)), info.get("variants", {}), embedding=embedding)
         intel.learn_counterfactual(info.get("x"), counterfactual, float(info.get("lam", intel.lam)), embedding)
-        m.failure_predictions.labels(predicted=str(bool(info.get("predicted"))).lower(), actual=str(failed).lower()).inc()
+        self._child(m.failure_predictions, str(bool(info.get("predicted"))).lower(), str(failed).lower()).inc()
         for stage, q in intel.predictor.quality.items():
             summ = q.summary()
-            m.failure_predictor_rocauc.labels(stage=stage).set(summ["rocauc"])
-            m.failure_predictor_logloss.labels(stage=stage).set(summ["logloss"])
-            m.failure_predictor_brier.labels(stage=stage).set(summ["brier"])
+            self._child(m.failure_predictor_rocauc, stage).set(summ["rocauc"])
+            self._child(m.failure_predictor_logloss, stage).set(summ["logloss"])
+            self._child(m.failure_predictor_brier, stage).set(summ["brier"])
         arm = info.get("arm")
         if arm in intel.reward_n:
-            m.selector_reward.labels(arm=arm).set(intel.mean_reward(arm))
+            self._child(m.selector_reward, arm).set(intel.mean_reward(arm))
         for e in got["drift"]:
             m.drift_events.labels(signal=e.signal, detector=e.detector).inc()
         for name in info.get("variants", {}):

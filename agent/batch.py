@@ -486,19 +486,40 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
 
 
 def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors, grad: bool) -> tuple[Tensor, float, float]:
-    """:func:`start_batch` for one task, without vmap (the computation of ``_init_loss_and_grad``)."""
+    """:func:`start_batch` for one task, without vmap (the computation of ``_init_loss_and_grad``).
+
+    The support features are those the loss's forward pass computed (caught by a forward hook on
+    the backbone) when that pass ran the backbone exactly once, on the support inputs; otherwise
+    (an algorithm that calls it differently) one more forward pass computes them.
+    """
+    seen: list = []
+    backbone = getattr(algorithm.model, "features", None)
+    hook = backbone.register_forward_hook(lambda _m, args, out: seen.append((args[0] if args else None, out))) \
+        if isinstance(backbone, torch.nn.Module) else None
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            p = {k: v.detach().requires_grad_(grad) for k, v in shared.items()}
+            m = {**rest, **p}
+            loss = algorithm.support_loss(m, algorithm.start(m, task), task)
+    finally:
+        if hook is not None:
+            hook.remove()
     with torch.enable_grad() if grad else torch.no_grad():
-        p = {k: v.detach().requires_grad_(grad) for k, v in shared.items()}
-        m = {**rest, **p}
-        loss = algorithm.support_loss(m, algorithm.start(m, task), task)
         gnorm = math.nan
         if grad:
             inputs = list(p.values())
             if inputs and loss.requires_grad:
-                grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-                gnorm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+                grads = [g.reshape(-1) for g in torch.autograd.grad(loss, inputs, allow_unused=True) if g is not None]
+                flat = torch.cat(grads).double() if grads else torch.zeros(0, dtype=torch.float64)
+                gnorm = math.sqrt(float(flat.dot(flat)))  # one float64 sum of squares (few ops: dispatch dominates here)
             else:
                 gnorm = 0.0
     with torch.no_grad():
-        f = embed(algorithm.model, subdict(m, "params.") or dict(m), subdict(m, "buffers."), task.support_x)
+        params = subdict(m, "params.")
+        if len(seen) == 1 and seen[0][0] is task.support_x and isinstance(seen[0][1], Tensor):
+            f = seen[0][1].detach().clone()  # the same forward pass embed would run
+        elif params:  # the algorithm's own functional call: the same forward, less dispatch than torch.func's
+            f = algorithm.embed(m, params, task.support_x)
+        else:
+            f = embed(algorithm.model, dict(m), subdict(m, "buffers."), task.support_x)
     return f, float(loss.detach()), gnorm

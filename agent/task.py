@@ -532,6 +532,7 @@ _BRACKET_DELTA[[ord("]"), ord("}")]] = -1
 _IS_BRACKET = _BRACKET_DELTA != 0
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
 _SCAN_CHUNK = 1 << 22
+_NOT_BRACKETS = bytes(i for i in range(256) if i not in b"[]{}")
 
 
 def json_depth(data: bytes, stop_above: int | None = None, chunk_size: int = _SCAN_CHUNK) -> int:
@@ -544,6 +545,13 @@ def json_depth(data: bytes, stop_above: int | None = None, chunk_size: int = _SC
     >>> json_depth(b'{"a": [[1], "]]]"], "b": {}}')
     3
     """
+    if len(data) <= chunk_size and b"\\" not in data:
+        # Fast path (one chunk, no escapes): every quote opens or closes a string, so the text
+        # outside strings is every other piece between quotes; the same running depth.
+        brackets = b"".join(data.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
+        if not brackets:
+            return 0
+        return max(0, int(np.cumsum(_BRACKET_DELTA[np.frombuffer(brackets, np.uint8)], dtype=np.int64).max()))
     deepest = depth = 0
     in_string = 0  # 1 when the previous chunk ended inside a string
     backslash_run = 0  # backslashes at the end of the previous chunk
@@ -624,8 +632,9 @@ def _cast(array: np.ndarray, field: str, role: str) -> np.ndarray:
 
 
 def _to_float32(array: np.ndarray, field: str) -> np.ndarray:
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, reported below
-        array = np.asarray(array, dtype=np.float32)
+    if type(array) is not np.ndarray or array.dtype != np.float32:  # else asarray would return it as is
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, reported below
+            array = np.asarray(array, dtype=np.float32)
     _check_finite(array, field)
     return array
 

@@ -33,6 +33,16 @@ shuffled rounds, median of per-round paired ratios), three implementations answe
   batch m: ``guarded_adapt_batch`` and ``predict_batch`` over chunks of m tasks. The agent's
   time over this one is its own overhead at that micro-batch size.
 
+* **floor** (info): only the calls the issues *require* per task, on the values an agent computed
+  for the same stream (recorded in one untimed agent pass): ``json.loads`` of the record, the
+  River failure predictor's ``predict_proba_one`` and ``learn_one`` (pre- and post-probe models),
+  the selector's per-arm River regressors' ``predict_one`` and the credited arm's ``learn_one``,
+  the drift detectors' updates (input, quality, failure), and ``json.dumps`` of the output record
+  (``FloorPass``). Reported as ms/task, as a share of each bare loop's time, and as the least
+  overhead share an agent doing only that on top of the loop could have, ``floor / (loop +
+  floor)``: whether the 10% goal is reachable at all with these River models. One more pass
+  with a clock around each group of calls splits the floor into its parts.
+
 Reported: seconds per pass (median and quartiles over rounds), tasks/s, and for each agent row
 the time ratio to the bare loop and to the bare batched loop of the same m (medians of per-round
 ratios), with the overhead share ``1 - bare/agent``. Goals (issue 3): the agent's own overhead
@@ -40,7 +50,9 @@ ratios), with the overhead share ``1 - bare/agent``. Goals (issue 3): the agent'
 loop of the same m); with micro-batching, throughput above the bare (per-task) loop.
 ``--profile`` runs one extra agent pass (micro-batch 8) under ``cProfile`` and prints the top 10
 functions by cumulative time and the agent's own pieces (inclusive time of each), as a share of
-the pass.
+the pass; and, for every micro-batch size, one plain pass with a clock around each of the
+agent's pieces (``clock_breakdown``: exclusive ms/task, no profiler overhead; a single pass, not
+interleaved, so noisier than the timed rows).
 
     python bench/daemon_throughput.py --train-seconds 30 --tasks 300 --rounds 7 --profile --out bench/results/daemon_throughput.json
 """
@@ -55,6 +67,7 @@ import pstats
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -72,6 +85,7 @@ from agent.streams.synthetic import make_stream  # noqa: E402
 from agent.task import parse_record  # noqa: E402
 from compute_scaling import train_sinusoid_maml  # noqa: E402
 
+FLOOR = "floor: required River + JSON calls only (info)"
 STEPS_LEVEL = 1  # index into the levels below: [5 steps, 1 member]
 LEVELS = [[1, 1], [5, 1], [10, 2]]
 
@@ -87,6 +101,9 @@ PIECES = [
     ("online learners: learn", "agent/agent.py", "_learn_online"),
     ("predict (query, and the guard's support losses)", "agent/algorithms/base.py", "predict"),
     ("parse + validate records", "agent/task.py", "parse_record"),
+    ("features: support features, initial loss, gradient norm", "agent/batch.py", "start_batch"),
+    ("pre-features: support statistics, batched", "agent/online/features.py", "support_stats_many"),
+    ("probe: ridge LOO, batched", "agent/online/features.py", "loo_nmse_many"),
     ("task -> tensors", "agent/task.py", "to_tensors"),
     ("features (initial loss)", "agent/agent.py", "_features"),
     ("task embedding (memory, one task)", "agent/memory.py", "task_embedding"),
@@ -171,9 +188,192 @@ def bare_batched_pass(alg, meta, tts, patience: int, max_backtracks: int, steps:
     return calls
 
 
+class FloorPass:
+    """The floor (module docstring): per task, only the calls the issues require, on the values
+    an agent computed for the same stream (recorded once by :func:`record_floor_inputs`).
+
+    One timed pass: for every task, ``json.loads`` of its record; the failure predictor's two
+    River models ``predict_proba_one`` (pre- and post-probe feature dicts); the selector's per-arm
+    River regressors ``predict_one``; the input drift detector's update; both failure models'
+    ``learn_one`` with the label; the credited arm's regressor ``learn_one`` with the reward;
+    the quality and failure detectors' updates; ``json.dumps`` of the task's output record. The
+    River objects are a fresh :class:`~agent.online.wiring.OnlineIntelligence` of the agent's
+    config per pass (built before the timed call), so their state grows as in the agent's pass.
+    """
+
+    def __init__(self, config, inputs: list, pool: int):
+        from agent.online.selector import ContextualSelector
+        from agent.online.wiring import OnlineIntelligence
+
+        self.config, self.inputs = config, inputs
+        self.make = lambda: OnlineIntelligence(config, seed=config.agent.seed)
+        self.contextual = ContextualSelector
+        self.pool = [self.make() for _ in range(pool)]
+
+    def __call__(self) -> int:
+        intel = self.pool.pop() if self.pool else self.make()
+        pre, post = intel.predictor.pre, intel.predictor.post
+        models = intel.selector.models if isinstance(intel.selector, self.contextual) else {}
+        drift, feature = intel.drift, intel.input_feature
+        n = 0
+        for line, x, x_pre, x_post, arm, rew, quality, failed, out in self.inputs:
+            json.loads(line)
+            pre.predict_proba_one(x_pre)
+            post.predict_proba_one(x_post)
+            for m in models.values():
+                m.predict_one(x)
+            if drift is not None and feature in x:
+                drift.update_input(x[feature])
+            pre.learn_one(x_pre, failed)
+            post.learn_one(x_post, failed)
+            if arm in models:
+                models[arm].learn_one(x, rew)
+            if drift is not None:
+                drift.update(quality=quality, failed=failed)
+            json.dumps(out)
+            n += 1
+        return n
+
+    def parts(self) -> dict[str, float]:
+        """Seconds per pass of each group of calls (one untimed-elsewhere pass with a clock around each)."""
+        intel = self.make()
+        pre, post = intel.predictor.pre, intel.predictor.post
+        models = intel.selector.models if isinstance(intel.selector, self.contextual) else {}
+        drift, feature = intel.drift, intel.input_feature
+        names = ["JSON: parse the record", "failure predictor: predict_proba_one x2",
+                 f"selector: predict_one x{len(models)} arms", "drift: input detector update",
+                 "failure predictor: learn_one x2", "selector: learn_one", "drift: quality + failure updates",
+                 "JSON: encode the output record"]
+        acc = dict.fromkeys(names, 0.0)
+        clock = time.perf_counter
+        for line, x, x_pre, x_post, arm, rew, quality, failed, out in self.inputs:
+            t0 = clock()
+            json.loads(line)
+            t1 = clock()
+            pre.predict_proba_one(x_pre)
+            post.predict_proba_one(x_post)
+            t2 = clock()
+            for m in models.values():
+                m.predict_one(x)
+            t3 = clock()
+            if drift is not None and feature in x:
+                drift.update_input(x[feature])
+            t4 = clock()
+            pre.learn_one(x_pre, failed)
+            post.learn_one(x_post, failed)
+            t5 = clock()
+            if arm in models:
+                models[arm].learn_one(x, rew)
+            t6 = clock()
+            if drift is not None:
+                drift.update(quality=quality, failed=failed)
+            t7 = clock()
+            json.dumps(out)
+            t8 = clock()
+            for name, a, b in zip(names, (t0, t1, t2, t3, t4, t5, t6, t7), (t1, t2, t3, t4, t5, t6, t7, t8)):
+                acc[name] += b - a
+        return acc
+
+
+def record_floor_inputs(cfg: dict, src: Path, out_dir: Path) -> tuple[Agent, list]:
+    """One agent pass over ``src`` that records, per task, what :class:`FloorPass` feeds River:
+    the record line, the selector's features, the failure predictor's pre- and post-probe feature
+    dicts, the credited arm, reward, quality and label, and the output record."""
+    from agent.online.selector import parse_arm
+
+    agent = Agent.from_config(cfg)
+    agent.intel.journal = []
+    seen: dict[str, tuple[dict, dict]] = {}
+    observe = agent.intel.predictor.observe
+
+    def recording(task_id, x_pre, x_post=None, **extra):
+        if x_post is not None:
+            seen[task_id] = (dict(x_pre), {**x_pre, **x_post})
+        return observe(task_id, x_pre, x_post, **extra)
+
+    agent.intel.predictor.observe = recording
+    run = AgentPass(cfg, src, out_dir, "floor", 0)
+    run.agents.append(agent)
+    run()
+    lines = src.read_bytes().splitlines()
+    outs = [json.loads(line) for line in run.last_out.read_text().splitlines()]
+    inputs = []
+    for line, out, j in zip(lines, outs, agent.intel.journal):
+        x_pre, x_post = seen[j["id"]]
+        arm = parse_arm(j["arm"]) if j["arm"] is not None else None
+        inputs.append((line, j["x"], x_pre, x_post, arm, j["reward"], j["quality"], j["failed"], out))
+    return agent, inputs
+
+
 def agent_step_calls(path: Path) -> int:
     """Inner-step calls the agent reported in its output lines."""
     return sum(json.loads(line).get("inner_steps", 0) for line in path.read_text().splitlines() if line.strip())
+
+
+def clock_pieces():
+    """``(label, owner, attribute)`` of the agent's pieces timed by :func:`clock_breakdown`."""
+    import agent.agent as agent_mod
+    from agent.online.wiring import OnlineIntelligence
+
+    return [
+        ("parse + validate records", agent_mod, "parse_record"),
+        ("features: support features, initial loss and gradient norm (start_batch)", agent_mod, "start_batch"),
+        ("memory embedding, batched", Agent, "_embeddings"),
+        ("memory embedding, one task", Agent, "_embedding"),
+        ("pre-features: support statistics, batched", Agent, "_support_stats"),
+        ("pre-features (incl. the memory query)", agent_mod, "pre_features"),
+        ("River: selector choice + failure predictor pre + input drift (plan)", OnlineIntelligence, "plan"),
+        ("adaptation, one task (guarded_adapt)", agent_mod, "guarded_adapt"),
+        ("adaptation, batched (guarded_adapt_batch)", agent_mod, "guarded_adapt_batch"),
+        ("query outputs, batched (predict_batch)", agent_mod, "predict_batch"),
+        ("probe features: embedding, batched (embed_batch)", agent_mod, "embed_batch"),
+        ("probe features: ridge LOO, batched", Agent, "_probe_loos"),
+        ("probe features", agent_mod, "probe_features"),
+        ("River: failure predictor post (post)", OnlineIntelligence, "post"),
+        ("learn: score, memory insert, metrics", Agent, "_learn"),
+        ("River: learners + drift detectors (learn)", OnlineIntelligence, "learn"),
+        ("sink write (JSON + flush)", JsonlSink, "write"),
+    ]
+
+
+def clock_breakdown(make_pass) -> tuple[float, list]:
+    """One plain agent pass with a clock around each of :func:`clock_pieces` (exclusive times:
+    a piece running inside another is not counted twice). Returns the pass's seconds and
+    ``(label, seconds)`` per piece, plus the rest (planning, outcome, metrics, the run loop)."""
+    pieces = clock_pieces()
+    acc = {label: 0.0 for label, _, _ in pieces}
+    stack: list[list] = []  # [label, start, nested seconds]
+    clock = time.perf_counter
+    saved = []
+
+    def timed(label, fn):
+        def wrapper(*a, **k):
+            stack.append([label, clock(), 0.0])
+            try:
+                return fn(*a, **k)
+            finally:
+                lab, t0, nested = stack.pop()
+                spent = clock() - t0
+                acc[lab] += spent - nested
+                if stack:
+                    stack[-1][2] += spent
+        return wrapper
+
+    run = make_pass()
+    for label, owner, attr in pieces:
+        fn = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        saved.append((owner, attr, fn))
+        setattr(owner, attr, staticmethod(timed(label, fn.__func__)) if isinstance(fn, staticmethod) else timed(label, fn))
+    try:
+        t0 = clock()
+        run()
+        total = clock() - t0
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+    rows = [(label, acc[label]) for label, _, _ in pieces]
+    rows.append(("rest: planning, outcome, metrics, to_dict, run loop", total - sum(acc.values())))
+    return total, rows
 
 
 def profile_pass(fn) -> tuple[str, list, float]:
@@ -229,6 +429,8 @@ def main(argv=None) -> int:
             agent_config(init, 32, False, args.seed, args.threads, warm_start="select"), src, tmp, "warm", pool)
         fns["agent mb=8 + online learning (info)"] = AgentPass(agent_config(init, 8, True, args.seed, args.threads), src, tmp,
                                                                "online", pool)
+        floor_agent, floor_inputs = record_floor_inputs(agent_config(init, 1, False, args.seed, args.threads), src, tmp)
+        fns[FLOOR] = FloorPass(floor_agent.config, floor_inputs, pool)
         ref = fns[f"agent mb={mbs[0]}"].agents[0]
         alg, meta, cc = ref.learner, ref.meta, ref.config.compute
         steps = ref.levels[STEPS_LEVEL].steps
@@ -250,14 +452,19 @@ def main(argv=None) -> int:
             work[f"agent mb={m}"] = agent_step_calls(fns[f"agent mb={m}"].last_out)
         work["agent mb=32 + memory warm starts (info)"] = agent_step_calls(fns["agent mb=32 + memory warm starts (info)"].last_out)
         results["step_calls"] = work
-        prof = None
+        floor_parts = fns[FLOOR].parts()
+        prof = breakdown = None
         if args.profile:
             prof = profile_pass(AgentPass(agent_config(init, 8, False, args.seed, args.threads), src, tmp, "prof", 1))
+            breakdown = {m: clock_breakdown(lambda m=m: AgentPass(agent_config(init, m, False, args.seed, args.threads),
+                                                                  src, tmp, f"clock{m}", 1)) for m in mbs}
 
     n = len(tasks)
     bare = timing.median("bare loop")
     rows, overhead = [], {}
     for name in fns:
+        if name == FLOOR:
+            continue
         med = timing.median(name)
         q1, q3 = timing.quartiles(name)
         if name == "bare loop":
@@ -298,7 +505,50 @@ def main(argv=None) -> int:
               f"{'PASS' if o['overhead_own'] <= 0.10 else 'MISS'} ({100 * o['overhead_own']:.1f}%)")
         print(f"micro-batch {m} throughput above the bare loop: {'PASS' if o['ratio'] < 1 else 'MISS'} "
               f"({o['tasks_per_s']:.0f} vs {n / bare:.0f} tasks/s, time ratio {o['ratio']:.3f})")
+    print()
+    floor = timing.median(FLOOR)
+    refs = [("bare loop", bare)] + [(f"bare batched loop (m={m})", timing.median(f"bare batched loop (m={m})"))
+                                    for m in mbs[1:]]
+    print(f"### The floor: only the calls the issues require, per task ({n} tasks per pass, median over {args.rounds} rounds)")
+    print(f"{1e3 * floor / n:.3f} ms/task [{1e3 * timing.quartiles(FLOOR)[0] / n:.3f}, {1e3 * timing.quartiles(FLOOR)[1] / n:.3f}]: "
+          "the failure predictor's two River models (predict_proba_one + learn_one), the selector's per-arm River "
+          "regressors (predict_one + learn_one), the drift detectors' updates, json.loads of the record and json.dumps "
+          "of the output record, on the feature dicts an agent computed (FloorPass).")
+    frows, floor_res = [], {"ms_per_task": 1e3 * floor / n, "parts_ms_per_task": {}, "against": {}}
+    for ref_name, ref_s in refs:
+        r = timing.ratio(FLOOR, ref_name)
+        least = r / (1 + r)  # overhead share of an agent that added only the floor to that loop
+        floor_res["against"][ref_name] = {"floor_over_ref": r, "least_overhead_share": least}
+        frows.append([ref_name, f"{1e3 * ref_s / n:.3f}", f"{100 * r:.1f}%", f"{100 * least:.1f}%",
+                      "reachable" if least <= 0.10 else "out of reach"])
+    print(common.table(["reference loop", "its ms/task", "floor / its time (paired median)",
+                        "least overhead share: floor / (loop + floor)", "10% goal with these calls"], frows))
+    total_parts = sum(floor_parts.values())
+    prow = []
+    for k, v in floor_parts.items():
+        floor_res["parts_ms_per_task"][k] = 1e3 * v / n
+        prow.append([k, f"{1e3 * v / n:.4f}", f"{100 * v / total_parts:.1f}%"])
+    print(common.table(["floor part (one extra pass, a clock around each group)", "ms/task", "share"], prow))
+    worst = floor_res["against"]["bare loop"]["least_overhead_share"]
+    print(f"Reading: an agent that did nothing but these calls on top of the bare loop would already spend "
+          f"{100 * worst:.1f}% of its time on them (mb=1); against the bare batched loops "
+          + ", ".join(f"{100 * floor_res['against'][k]['least_overhead_share']:.1f}% ({k})" for k, _ in refs[1:])
+          + ". The goal allows 10%.")
+    results["floor"] = floor_res
     if prof is not None:
+        print()
+        print(f"### Where the agent's time goes, ms/task (one plain pass per micro-batch size with a clock around each "
+              f"piece; exclusive times; the bare loops' ms/task for reference: "
+              + ", ".join(f"{k} {1e3 * t / n:.3f}" for k, t in refs) + ")")
+        labels = [label for label, _ in next(iter(breakdown.values()))[1]]
+        brow, results["breakdown"] = [], {}
+        for i, label in enumerate(labels):
+            brow.append([label] + [f"{1e3 * breakdown[m][1][i][1] / n:.3f}" for m in mbs])
+        brow.append(["total (this pass)"] + [f"{1e3 * breakdown[m][0] / n:.3f}" for m in mbs])
+        for m in mbs:
+            results["breakdown"][f"mb={m}"] = {"total_ms_per_task": 1e3 * breakdown[m][0] / n,
+                                                "pieces_ms_per_task": {lab: 1e3 * v / n for lab, v in breakdown[m][1]}}
+        print(common.table(["piece"] + [f"mb={m}" for m in mbs], brow))
         text, pieces, total = prof
         results["profile"] = {"total_s": total, "pieces": [{"label": a, "calls": b, "cum_s": c} for a, b, c in pieces]}
         print()

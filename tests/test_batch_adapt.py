@@ -339,3 +339,25 @@ def test_task_embeddings_match_task_embedding():
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="features has 1 entries for 11 tasks"):
         task_embeddings(alg, meta, tasks, features=feats[:1])
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "metasgd", "protonet"])
+def test_start_batch_one_task_features_and_no_hook_left(name):
+    # A task alone: the support features come from the loss's own forward pass (a hook on the
+    # backbone) when it ran the backbone once on the support inputs, else from embed: either way
+    # the numbers of _embedding, and the hook is gone afterwards.
+    from agent.batch import start_batch
+    from agent.online.features import _embedding, _init_loss_and_grad
+
+    model = mlp(in_dim=2, out_dim=0 if name == "protonet" else 3, hidden=(8,))
+    alg = build(name, model) if name == "protonet" else build(name, model, inner_lr=0.3)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    for t in blob_tasks(2, seed=21):
+        for grad in (True, False):
+            (f, loss, gnorm), = start_batch(alg, meta, [t], grad=grad)
+            torch.testing.assert_close(f.reshape(f.shape[0], -1).double(), _embedding(alg, meta, t.support_x))
+            want_loss, want_g = _init_loss_and_grad(alg, meta, t)
+            assert loss == pytest.approx(want_loss, rel=1e-6)
+            assert (gnorm == pytest.approx(want_g, rel=1e-6)) if grad else math.isnan(gnorm)
+            assert not f.requires_grad
+    assert not model.features._forward_hooks

@@ -595,3 +595,37 @@ def test_agent_checkpoint_keeps_the_ivf_index(tmp_path):
         a, sa = agent.memory.query_indices(q, 3)
         b, sb = clone.memory.query_indices(q, 3)
         assert a.tolist() == b.tolist() and sa.tolist() == sb.tolist()
+
+
+def test_regression_embedding_matches_a_torch_statement_of_its_definition():
+    # task_embedding computes the regression blocks in float64 numpy (few-shot sizes); here they
+    # are written out again in torch from the docstring: mean feature, ridge head with an
+    # intercept (penalty 0.01 x mean Gram diagonal), the five statistics; unit blocks, weights.
+    from agent.nn.mlp import MLPFeatures
+    from agent.nn.model import MetaModel, embed
+
+    model = MetaModel(MLPFeatures(1, (16,)), 16, 1)
+    params, _ = model.init_state(torch.Generator().manual_seed(3))
+    proj = random_projection(37, 12, seed=1)
+    for seed, dout in ((0, 1), (1, 2)):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(9, 1, generator=g) * 10 - 5
+        y = torch.sin(x).repeat(1, dout) * 2 + 0.3
+        task = TaskTensors(x, y, x, None, "regression")
+        with torch.no_grad():
+            f = embed(model, params, {}, x).double()
+        a = torch.cat([f, torch.ones(9, 1, dtype=torch.float64)], 1)
+        gram = a.T @ a
+        lam = 0.01 * float(gram.diagonal().mean()) + 1e-12
+        w = torch.linalg.solve(gram + lam * torch.eye(17, dtype=torch.float64), a.T @ y.double())[:-1]
+        second = w[:, 0] if dout == 1 else w.pow(2).mean(1).sqrt()
+        yd = y.double()
+        stats = torch.tensor([-1.0, 0.0, math.log1p(9) / 5, math.tanh(float(yd.mean())),
+                              math.tanh(math.log1p(float(yd.std(unbiased=False))))], dtype=torch.float64)
+        unit = lambda v: v / v.norm()  # noqa: E731
+        want = torch.cat([unit(f.mean(0)), unit(second), 0.5 * unit(stats)]).numpy()
+        for projection in (None, proj):
+            ref = want if projection is None else want @ projection.astype(np.float64)
+            ref = ref / np.linalg.norm(ref)
+            got = task_embedding(model, params, task, projection=projection)
+            np.testing.assert_allclose(got, ref.astype(np.float32), rtol=1e-5, atol=1e-6)

@@ -129,3 +129,66 @@ def test_init_loo_nmse_equals_explicit_leave_one_out_refits():
     assert f["init_loo_score"] == pytest.approx(1 / (1 + expected), rel=1e-6)
     cls = pre_features(*_alg(), _cls_task(6.0))
     assert cls["init_loo_score"] == pytest.approx(1.0) and cls["init_loo_nmse"] == 0.0
+
+
+def _reg_task(seed, n=10, din=1, dout=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, din, generator=g) * 6 - 3
+    y = torch.sin(x.sum(1, keepdim=True)).repeat(1, dout) * (1 + seed) + 0.1 * torch.randn(n, dout, generator=g)
+    return TaskTensors(x, y, x, None, "regression")
+
+
+def test_batched_support_stats_and_probe_loo_equal_the_per_task_ones():
+    # support_stats_many / loo_nmse_many batch the numpy work of pre_features / probe_features
+    # over tasks of one shape: the same numbers, and None where a task is not batched.
+    from agent.online.features import loo_nmse_many, support_stats_many
+
+    alg = build("maml", MetaModel(MLPFeatures(1, (8,)), 8, 1), inner_lr=0.01)
+    meta = alg.init_meta(torch.Generator().manual_seed(0))
+    from agent.online.features import _embedding, _ridge
+
+    cls = _cls_task(2.0)
+    tasks = [_reg_task(s) for s in range(4)] + [_reg_task(7, n=6), _reg_task(8, n=6), _reg_task(9, n=1),
+                                                _reg_task(10, dout=2), _reg_task(11),
+                                                TaskTensors(cls.support_x[:, :1], cls.support_y, cls.support_x[:, :1], None)]
+
+    with torch.no_grad():
+        feats = [_embedding(alg, meta, t.support_x).float() for t in tasks]
+    feats[3] = None  # no features: computed task by task
+    stats = support_stats_many(tasks, feats)
+    loos = loo_nmse_many(tasks, feats)
+    batched = [i for i, s in enumerate(stats) if s is not None]
+    assert batched == [0, 1, 2, 4, 5, 7, 8]  # not: no features (3), one example (6), classification (9)
+    assert [i for i, v in enumerate(loos) if v is not None] == batched
+    for i in batched:
+        want = pre_features(alg, meta, tasks[i], features=feats[i], loss_and_grad=False)
+        got = pre_features(alg, meta, tasks[i], features=None, loss_and_grad=False, stats=stats[i])
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), (i, k)
+        assert loos[i] == pytest.approx(_ridge(feats[i].double(), tasks[i].support_y)["loo_nmse"], rel=1e-10)
+        if tasks[i].support_y.shape[1] == 1:  # the model has one output
+            p_want = probe_features(alg, meta, tasks[i], steps=1, features=feats[i])
+            p_got = probe_features(alg, meta, tasks[i], steps=1, loo_nmse=loos[i])
+            assert p_got == pytest.approx(p_want, rel=1e-10, abs=1e-12)
+
+
+def test_support_statistics_match_a_torch_statement_of_their_definition():
+    # pre_features computes these in float64 numpy; written out again in torch here.
+    from agent.online.features import _embedding
+
+    alg = build("maml", MetaModel(MLPFeatures(2, (8,)), 8, 1), inner_lr=0.01)
+    meta = alg.init_meta(torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 2, generator=g) * 3
+    y = x[:, :1] ** 2 + 0.1 * torch.randn(7, 1, generator=g)
+    got = pre_features(alg, meta, TaskTensors(x, y, x, None, "regression"), loss_and_grad=False)
+    with torch.no_grad():
+        f = _embedding(alg, meta, x)
+    xd, yd = x.double(), y.double()
+    want = {"input_spread": float(xd.std(0, unbiased=False).mean()),
+            "emb_spread": float((f - f.mean(0)).pow(2).sum(1).mean().sqrt()),
+            "emb_norm": float(f.norm(dim=1).mean()), "target_std": float(yd.std(unbiased=False)),
+            "dims": 2.0, "support_size": 7.0, "shots": 7.0}
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12), k

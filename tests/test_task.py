@@ -522,3 +522,14 @@ def test_parse_tolerates_newline_and_bytes():
 
 def test_module_doctests():
     assert doctest.testmod(task_module).failed == 0
+
+
+def test_json_depth_fast_path_equals_the_chunked_scan():
+    # Without backslashes json_depth takes a fast path; the chunked scan (chunk_size 3 forces it)
+    # must give the same depth, for valid and invalid texts alike (unbalanced, brackets in strings).
+    rng = np.random.default_rng(0)
+    alphabet = np.frombuffer(b'[]{}"a1 ,:', np.uint8)
+    for _ in range(500):
+        text = rng.choice(alphabet, size=int(rng.integers(0, 40))).tobytes()
+        assert json_depth(text) == json_depth(text, chunk_size=3), text
+    assert json_depth(b'[[["]]]"]') == 3 and json_depth(b']]]') == 0 and json_depth(b'"[[[[') == 0

@@ -49,9 +49,11 @@ import torch
 from torch import Tensor
 
 from agent.algorithms.base import CLASSIFICATION, Adapted, TaskTensors
+from agent.memory import mean_np, var_np
 from agent.nn.model import embed, subdict
 
-__all__ = ["pre_features", "probe_features", "memory_features", "finite", "PRE_KEYS", "PROBE_KEYS"]
+__all__ = ["pre_features", "probe_features", "memory_features", "finite", "support_stats_many", "loo_nmse_many",
+           "PRE_KEYS", "PROBE_KEYS"]
 
 _EPS = 1e-12
 _CLIP = 1e6
@@ -134,22 +136,117 @@ def _ridge(f: Tensor, y: Tensor, ridge: float = 1e-2) -> dict[str, float]:
     In float64 numpy: for few-shot sizes (n x n systems) each torch op would cost more in
     dispatch than in arithmetic.
     """
-    a = f.detach().double().numpy()
+    n = f.shape[0]
+    return _ridge_np(f.detach().double().numpy(), y.detach().reshape(n, -1).double().numpy(), ridge)
+
+
+def _ridge_np(a: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> dict[str, float]:
+    """:func:`_ridge` on float64 arrays ``a`` (n, d) and ``y`` (n, outputs)."""
     n = a.shape[0]
-    y = y.detach().reshape(n, -1).double().numpy()
-    a = np.concatenate([a, np.ones((n, 1))], 1)
-    gram = a @ a.T  # kernel form: n x n, cheap for few-shot sizes
-    lam = ridge * float(gram.diagonal().mean()) + 1e-9
+    # kernel form with an intercept column of ones: [a 1] [a 1]^T = a a^T + 1; n x n, cheap for few-shot sizes
+    gram = a @ a.T + 1.0
+    lam = ridge * float(mean_np(gram.diagonal())) + 1e-9
     with np.errstate(all="ignore"):
         try:
             hat = gram @ np.linalg.inv(gram + lam * np.eye(n))
         except np.linalg.LinAlgError:  # a singular or non-finite system: no fit
             return {"ridge_r2": math.nan, "loo_nmse": math.nan}
         resid = y - hat @ y
-        var = y.var(0).sum() + _EPS
-        r2 = 1.0 - (resid ** 2).sum(1).mean() / var
-        loo = resid / np.maximum(1.0 - hat.diagonal(), 1e-6)[:, None]
-        return {"ridge_r2": float(r2), "loo_nmse": float((loo ** 2).sum(1).mean() / var)}
+        var = var_np(y, 0).sum() + _EPS
+        sq = (resid * resid).sum(1)
+        r2 = 1.0 - mean_np(sq) / var
+        lev = np.maximum(1.0 - hat.diagonal(), 1e-6)
+        return {"ridge_r2": float(r2), "loo_nmse": float(mean_np(sq / (lev * lev)) / var)}
+
+
+def _ridge_batch(a: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`_ridge_np` of stacked systems ``a`` (b, n, d) and ``y`` (b, n, outputs): the arrays
+    ``(ridge_r2, loo_nmse)``, or ``None`` when one system is singular (then each is fitted alone)."""
+    n = a.shape[1]
+    gram = a @ a.transpose(0, 2, 1) + 1.0
+    lam = ridge * mean_np(gram.diagonal(axis1=1, axis2=2), 1) + 1e-9
+    with np.errstate(all="ignore"):
+        try:
+            hat = gram @ np.linalg.inv(gram + lam[:, None, None] * np.eye(n))
+        except np.linalg.LinAlgError:
+            return None
+        resid = y - hat @ y
+        var = var_np(y, 1).sum(1) + _EPS
+        sq = (resid * resid).sum(2)
+        lev = np.maximum(1.0 - hat.diagonal(axis1=1, axis2=2), 1e-6)
+        return 1.0 - mean_np(sq, 1) / var, mean_np(sq / (lev * lev), 1) / var
+
+
+def _stackable(tasks, features) -> dict[tuple, list[int]]:
+    """Regression tasks (more than one support example) with features, grouped by shapes."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (t, f) in enumerate(zip(tasks, features)):
+        if t.kind != CLASSIFICATION and f is not None and t.support_x.shape[0] > 1:
+            groups.setdefault((tuple(t.support_x.shape), tuple(f.shape), tuple(t.support_y.shape)), []).append(i)
+    return groups
+
+
+def _stack(tensors, idx: list[int], n: int) -> np.ndarray:
+    return np.stack([tensors[i].detach().reshape(n, -1).numpy() for i in idx]).astype(np.float64)
+
+
+def support_stats_many(tasks, features) -> list[dict[str, float] | None]:
+    """The support statistics :func:`pre_features` computes for a regression task, batched.
+
+    For each regression task with more than one support example and its backbone ``features``
+    (one per task, e.g. from :func:`agent.batch.start_batch`): ``input_spread``, ``emb_spread``,
+    ``emb_norm``, ``target_std``, ``ridge_r2`` and ``loo_nmse``, the numbers of
+    :func:`pre_features` to float64 rounding, computed once per group of tasks with the same shapes
+    (stacked float64 arrays, one batched ridge solve); ``None`` for any other task. Pass an entry
+    to :func:`pre_features` as ``stats``.
+
+    Examples
+    --------
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(3, 8, 1, generator=g)
+    >>> tasks = [TaskTensors(xi, torch.sin(xi), xi, None, "regression") for xi in x]
+    >>> feats = [torch.cat([xi, xi ** 2, torch.cos(xi)], 1) for xi in x]
+    >>> many = support_stats_many(tasks, feats)
+    >>> one = pre_features(None, {}, tasks[1], features=feats[1], loss_and_grad=False)
+    >>> abs(many[1]["ridge_r2"] - one["ridge_r2"]) < 1e-12 and abs(many[1]["emb_norm"] - one["emb_norm"]) < 1e-12
+    True
+    """
+    tasks, features = list(tasks), list(features)
+    out: list[dict[str, float] | None] = [None] * len(tasks)
+    for idx in _stackable(tasks, features).values():
+        n = tasks[idx[0]].support_x.shape[0]
+        xs = _stack([t.support_x for t in tasks], idx, n)
+        fs = _stack(features, idx, n)
+        ys = _stack([t.support_y for t in tasks], idx, n)
+        fits = _ridge_batch(fs, ys)
+        if fits is None:
+            continue
+        input_spread = mean_np(np.sqrt(var_np(xs, 1)), 1)
+        centred = fs - mean_np(fs, 1)[:, None, :]
+        emb_spread = np.sqrt(mean_np((centred * centred).sum(2), 1))
+        emb_norm = mean_np(np.sqrt((fs * fs).sum(2)), 1)
+        target_std = np.sqrt(var_np(ys.reshape(len(idx), -1), 1))
+        rows = zip(idx, input_spread.tolist(), emb_spread.tolist(), emb_norm.tolist(), target_std.tolist(),
+                   fits[0].tolist(), fits[1].tolist())
+        for i, a, b, c, d, r2, loo in rows:
+            out[i] = {"input_spread": a, "emb_spread": b, "emb_norm": c, "target_std": d, "ridge_r2": r2, "loo_nmse": loo}
+    return out
+
+
+def loo_nmse_many(tasks, features) -> list[float | None]:
+    """The ridge leave-one-out ``loo_nmse`` of :func:`probe_features` for each regression task
+    with more than one support example and its probed ``features``, one batched solve per group
+    of shapes (as :func:`support_stats_many`); ``None`` for any other task. Pass an entry to
+    :func:`probe_features` as ``loo_nmse``."""
+    tasks, features = list(tasks), list(features)
+    out: list[float | None] = [None] * len(tasks)
+    for idx in _stackable(tasks, features).values():
+        n = tasks[idx[0]].support_x.shape[0]
+        fits = _ridge_batch(_stack(features, idx, n), _stack([t.support_y for t in tasks], idx, n))
+        if fits is not None:
+            for i, loo in zip(idx, fits[1].tolist()):
+                out[i] = loo
+    return out
 
 
 def memory_features(memory, embedding: np.ndarray | None, k: int = 5) -> dict[str, float]:
@@ -202,7 +299,8 @@ def _init_loss_and_grad(algorithm, meta: Mapping[str, Tensor], task: TaskTensors
 
 def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memory=None, *,
                  embedding: np.ndarray | None = None, k: int = 5, loss_and_grad: bool = True,
-                 features: Tensor | None = None, init: tuple[float, float] | None = None) -> dict[str, float]:
+                 features: Tensor | None = None, init: tuple[float, float] | None = None,
+                 stats: Mapping[str, float] | None = None) -> dict[str, float]:
     """Features available before adaptation (see the module docstring).
 
     Parameters
@@ -225,6 +323,9 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
     features, init
         Precomputed by a caller that batches tasks: the backbone's features of the support
         inputs under ``meta``, and ``(initial support loss, its gradient norm)``.
+    stats
+        For a regression task, its :func:`support_stats_many` entry (computed for a batch of
+        tasks at once): the support statistics are then taken from it.
     """
     x, y = task.support_x, task.support_y
     n = int(x.shape[0])
@@ -232,17 +333,24 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
     out: dict[str, float] = dict.fromkeys(PRE_KEYS, 0.0)
     out["is_classification"] = 1.0 if cls else 0.0
     out["support_size"] = float(n)
-    out["dims"] = float(np.prod(x.shape[1:])) if x.dim() > 1 else 1.0
-    xf = x.reshape(n, -1).double()
-    out["input_spread"] = float(xf.std(0, unbiased=False).mean()) if n > 1 else 0.0
-    if features is None:
-        with torch.no_grad():
-            f = _embedding(algorithm, meta, x)
-    else:
-        f = features.reshape(features.shape[0], -1).double()
-    out["emb_spread"] = float((f - f.mean(0)).pow(2).sum(1).mean().sqrt())
-    out["emb_norm"] = float(f.norm(dim=1).mean())
+    out["dims"] = float(math.prod(x.shape[1:])) if x.dim() > 1 else 1.0
     if cls:
+        stats = None
+    if stats is not None:
+        out["input_spread"], out["emb_spread"], out["emb_norm"] = stats["input_spread"], stats["emb_spread"], stats["emb_norm"]
+    else:
+        # In float64 numpy: for few-shot sizes every torch op costs more in dispatch than in arithmetic.
+        out["input_spread"] = float(mean_np(np.sqrt(var_np(x.detach().reshape(n, -1).numpy().astype(np.float64), 0)))) \
+            if n > 1 else 0.0
+        if features is None:
+            with torch.no_grad():
+                features = _embedding(algorithm, meta, x)
+        fn = features.detach().reshape(features.shape[0], -1).numpy().astype(np.float64)
+        centred = fn - mean_np(fn, 0)
+        out["emb_spread"] = math.sqrt(float(mean_np((centred * centred).sum(1))))
+        out["emb_norm"] = float(mean_np(np.sqrt((fn * fn).sum(1))))
+    if cls:
+        f = torch.from_numpy(fn)
         ways = int(task.n_way)
         counts = torch.bincount(y.long(), minlength=ways).double()
         p = counts[counts > 0] / counts.sum()
@@ -256,9 +364,13 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
         out["ways"] = 0.0
         out["shots"] = float(n)
         out["class_balance"] = 1.0
-        out["target_std"] = float(y.double().std(unbiased=False)) if n > 1 else 0.0
+        if stats is not None:
+            out["target_std"], r = stats["target_std"], stats
+        else:
+            yn = y.detach().reshape(n, -1).numpy().astype(np.float64)
+            out["target_std"] = math.sqrt(var_np(yn)) if n > 1 else 0.0
+            r = _ridge_np(fn, yn) if n > 1 else None
         if n > 1:
-            r = _ridge(f, y)
             out["ridge_r2"], out["init_loo_nmse"] = r["ridge_r2"], min(r["loo_nmse"], 1e3)
             out["init_loo_score"] = 1.0 / (1.0 + r["loo_nmse"]) if math.isfinite(r["loo_nmse"]) else 0.0
     out["log_shots"] = math.log1p(out["shots"])
@@ -277,7 +389,7 @@ def pre_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, memor
 
 def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, steps: int = 1,
                    state: Adapted | None = None, init_loss: float | None = None, probe_loss: float | None = None,
-                   features: Tensor | None = None) -> dict[str, float]:
+                   features: Tensor | None = None, loo_nmse: float | None = None) -> dict[str, float]:
     """Features after a short probe of ``steps`` inner steps (or of a given probe ``state``).
 
     ``loss_drop`` is ``init_loss - probe_loss`` (support losses) and ``loss_drop_ratio`` the
@@ -286,11 +398,12 @@ def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, 
     with ``loo_nmse`` the ridge leave-one-out MSE over the target variance (regression): higher
     is better for both. Non-finite values are replaced and counted in ``probe_nonfinite``.
     ``probe_loss`` (the support loss of ``state``) and ``features`` (the support inputs'
-    features under ``state``) may be passed by a caller that has them already.
+    features under ``state``) may be passed by a caller that has them already, and so may
+    ``loo_nmse`` (regression; from :func:`loo_nmse_many` over a batch).
     """
     out: dict[str, float] = dict.fromkeys(PROBE_KEYS, 0.0)
     with torch.no_grad():
-        start = algorithm.start(meta, task)
+        start = algorithm.start(meta, task) if init_loss is None or state is None else None
         if init_loss is None:
             init_loss = float(algorithm.support_loss(meta, start, task))
         if state is None:
@@ -303,12 +416,16 @@ def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, 
         out["probe_loss"] = probe_loss
         out["loss_drop"] = init_loss - probe_loss
         out["loss_drop_ratio"] = (init_loss - probe_loss) / (abs(init_loss) + 1e-8)
-        if features is None:
+        n = task.support_x.shape[0]
+        if features is None and not (loo_nmse is not None and task.kind != CLASSIFICATION and n > 1):
             features = algorithm.embed(meta, state.params, task.support_x, state.step)
-        f = features.reshape(task.support_x.shape[0], -1).double()
         if task.kind == CLASSIFICATION:
+            f = features.reshape(n, -1).double()
             out["loo_score"] = _class_geometry(f, task.support_y, int(task.n_way))["loo_acc"]
-        elif f.shape[0] > 1:
-            out["loo_nmse"] = _ridge(f, task.support_y)["loo_nmse"]
+        elif n > 1:
+            if loo_nmse is None:
+                fn = features.detach().reshape(n, -1).numpy().astype(np.float64)
+                loo_nmse = _ridge_np(fn, task.support_y.detach().reshape(n, -1).numpy().astype(np.float64))["loo_nmse"]
+            out["loo_nmse"] = loo_nmse
             out["loo_score"] = 1.0 / (1.0 + out["loo_nmse"]) if math.isfinite(out["loo_nmse"]) else math.nan
     return finite(out, flag="probe_nonfinite")
