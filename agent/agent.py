@@ -1394,6 +1394,8 @@ class Agent:
         got = intel.learn(task_id, info.get("x"), info.get("arm"), quality, failed, float(info.get("compute", 0)),
                           float(info.get("lam", intel.lam)), info.get("variants", {}), embedding=embedding)
         intel.learn_counterfactual(info.get("x"), counterfactual, float(info.get("lam", intel.lam)), embedding)
+        for cf_arm, _, cf_steps in counterfactual:
+            self._child(m.selector_counterfactual_steps, cf_arm).inc(cf_steps)
         self._child(m.failure_predictions, str(bool(info.get("predicted"))).lower(), str(failed).lower()).inc()
         for stage, q in intel.predictor.quality.items():
             summ = q.summary()

@@ -97,6 +97,7 @@ class Metrics:
     decisions: Counter = None  # type: ignore[assignment]
     selector_pulls: Counter = None  # type: ignore[assignment]
     selector_reward: Gauge = None  # type: ignore[assignment]
+    selector_counterfactual_steps: Counter = None  # type: ignore[assignment]
     drift_events: Counter = None  # type: ignore[assignment]
     experiment_samples: Gauge = None  # type: ignore[assignment]
     experiment_p_value: Gauge = None  # type: ignore[assignment]
@@ -153,7 +154,10 @@ def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = ()
         ``_logloss`` / ``_brier`` (``metaagent_failure_predictor_rocauc{stage}`` etc.: rolling
         quality of the pre and post stages), ``decisions`` (``metaagent_decisions_total{action}``:
         actions applied), ``selector_pulls`` (``metaagent_selector_pulls_total{arm}``),
-        ``selector_reward`` (``metaagent_selector_mean_reward{arm}``), ``drift_events``
+        ``selector_reward`` (``metaagent_selector_mean_reward{arm}``),
+        ``selector_counterfactual_steps``
+        (``metaagent_selector_counterfactual_inner_steps_total{arm}``: learning compute spent
+        evaluating the arms that did not answer a labelled task, ``selector.counterfactual``), ``drift_events``
         (``metaagent_drift_events_total{signal,detector}``) and per experiment and variant
         ``metaagent_experiment_samples``, ``_p_value``, ``_effect`` (variant minus control) and
         ``_winner`` (1 for the declared winner).
@@ -219,6 +223,9 @@ def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = ()
     m.decisions = Counter(p + "decisions", "Failure-predictor actions applied, by action.", ["action"], **r)
     m.selector_pulls = Counter(p + "selector_pulls", "Arms chosen by the selector.", arm, **r)
     m.selector_reward = Gauge(p + "selector_mean_reward", "Mean reward (quality - lambda * compute) per arm.", arm, **r)
+    m.selector_counterfactual_steps = Counter(
+        p + "selector_counterfactual_inner_steps", "Inner steps spent evaluating arms that did not answer a labelled "
+        "task (selector learning compute, never in a reward).", arm, **r)
     m.drift_events = Counter(p + "drift_events", "Drifts detected, by signal and detector.", ["signal", "detector"], **r)
     m.experiment_samples = Gauge(p + "experiment_samples", "Observations per experiment variant.", exv, **r)
     m.experiment_p_value = Gauge(p + "experiment_p_value", "Always-valid p-value of a variant against the control.", exv, **r)
@@ -235,6 +242,7 @@ def build_metrics(registry: CollectorRegistry, *, algorithms: Iterable[str] = ()
     for a in dict.fromkeys(arms):
         m.selector_pulls.labels(arm=a)
         m.selector_reward.labels(arm=a).set(float("nan"))
+        m.selector_counterfactual_steps.labels(arm=a)
     for signal, det in (detectors or {}).items():
         m.drift_events.labels(signal=signal, detector=det)
     for name, variants in (experiments or {}).items():

@@ -165,6 +165,10 @@ def test_agent_counterfactual_rewards_equal_what_each_arm_answers():
             assert (quality, steps) == pytest.approx(fixed[arm][i], abs=1e-9)
     st = agent.intel.status()["counterfactual"]
     assert st["tasks"] == 25 and st["steps"] == sum(s for r in rows.values() for _, _, s in r) > 0
+    per_arm = {a: sum(s for r in rows.values() for b, _, s in r if b == a) for a in SEL["arms"]}
+    exported = {a: agent.metrics.registry.get_sample_value("metaagent_selector_counterfactual_inner_steps_total",
+                                                           {"arm": a}) for a in SEL["arms"]}
+    assert exported == pytest.approx(per_arm) and sum(exported.values()) == pytest.approx(st["steps"])
     ev = agent.intel.selector.evidence
     assert all(ev._n[a] == 25 for a in ev.arms)  # the chosen arm's row plus the two counterfactual rows
 
