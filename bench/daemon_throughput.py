@@ -194,7 +194,8 @@ class FloorPass:
 
     One timed pass: for every task, ``json.loads`` of its record; the failure predictor's two
     River models ``predict_proba_one`` (pre- and post-probe feature dicts); the selector's per-arm
-    River regressors ``predict_one``; the input drift detector's update; both failure models'
+    River regressors ``predict_one`` when it has two or more arms (with one there is nothing to
+    choose and the selector does not predict); the input drift detector's update; both failure models'
     ``learn_one`` with the label; the credited arm's regressor ``learn_one`` with the reward;
     the quality and failure detectors' updates; ``json.dumps`` of the task's output record. The
     River objects are a fresh :class:`~agent.online.wiring.OnlineIntelligence` of the agent's
@@ -214,13 +215,14 @@ class FloorPass:
         intel = self.pool.pop() if self.pool else self.make()
         pre, post = intel.predictor.pre, intel.predictor.post
         models = intel.selector.models if isinstance(intel.selector, self.contextual) else {}
+        predicting = models if len(models) > 1 else {}  # ContextualSelector.choose: one arm, no prediction
         drift, feature = intel.drift, intel.input_feature
         n = 0
         for line, x, x_pre, x_post, arm, rew, quality, failed, out in self.inputs:
             json.loads(line)
             pre.predict_proba_one(x_pre)
             post.predict_proba_one(x_post)
-            for m in models.values():
+            for m in predicting.values():
                 m.predict_one(x)
             if drift is not None and feature in x:
                 drift.update_input(x[feature])
@@ -239,9 +241,10 @@ class FloorPass:
         intel = self.make()
         pre, post = intel.predictor.pre, intel.predictor.post
         models = intel.selector.models if isinstance(intel.selector, self.contextual) else {}
+        predicting = models if len(models) > 1 else {}  # ContextualSelector.choose: one arm, no prediction
         drift, feature = intel.drift, intel.input_feature
         names = ["JSON: parse the record", "failure predictor: predict_proba_one x2",
-                 f"selector: predict_one x{len(models)} arms", "drift: input detector update",
+                 f"selector: predict_one x{len(predicting)} arms", "drift: input detector update",
                  "failure predictor: learn_one x2", "selector: learn_one", "drift: quality + failure updates",
                  "JSON: encode the output record"]
         acc = dict.fromkeys(names, 0.0)
@@ -253,7 +256,7 @@ class FloorPass:
             pre.predict_proba_one(x_pre)
             post.predict_proba_one(x_post)
             t2 = clock()
-            for m in models.values():
+            for m in predicting.values():
                 m.predict_one(x)
             t3 = clock()
             if drift is not None and feature in x:

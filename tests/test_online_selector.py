@@ -196,3 +196,26 @@ def test_config_model_reaches_the_selector(name):
     intel = OnlineIntelligence(cfg)
     model = intel.selector.models[Arm("maml", 1)]
     assert type(make_regressor(name)).__name__ == type(model).__name__
+
+
+def test_single_arm_chooses_without_predicting():
+    """With one arm there is nothing to choose: no per-arm prediction runs (it was most of the
+    River cost per task in the daemon), the arm still learns and is counted."""
+    sel = ContextualSelector(["maml@0"], seed=0, burn_in=1)
+    calls = []
+    model = sel.models[sel.arms[0]]
+    real = model.predict_one
+    model.predict_one = lambda x: calls.append(x) or real(x)
+    for t in range(20):
+        arm = sel.choose({"shots": float(t)})
+        sel.learn({"shots": float(t)}, arm, 0.5)
+    assert str(sel.choose({"shots": 1.0}, explore=False)) == "maml@0"
+    assert calls == [] and sel.counts[sel.arms[0]] == 20
+    two = ContextualSelector(["maml@0", "ridge@0"], seed=0, burn_in=1)
+    seen = []
+    for a in two.arms:
+        m = two.models[a]
+        m.predict_one = (lambda r: lambda x: seen.append(x) or r(x))(m.predict_one)
+    for t in range(5):
+        two.learn({"shots": 1.0}, two.choose({"shots": 1.0}), 0.5)
+    assert seen  # with a choice to make, the arms are predicted

@@ -328,6 +328,8 @@ class ContextualSelector(_Boost):
                 return self._note_choice(arm)
             if self.exploration == "egreedy" and self._rng.random() < min(1.0, self.epsilon * factor):
                 return self._note_choice(self._rng.choice(self.arms))
+        if len(self.arms) == 1:  # nothing to choose: no per-arm predictions (they cost more than the rest)
+            return self._note_choice(self.arms[0]) if explore else self.arms[0]
         sc = self.scores(features, factor, embedding) if explore else self.predict(features, embedding)
         best = max(sc.values())
         arm = next(a for a in self.arms if sc[a] == best)
