@@ -1123,7 +1123,12 @@ class Agent:
                 return "none", alg, budget, res, 0
             target = (alg, nb)
         elif action in ("switch", "fallback"):
-            arm = self.intel.alternative(x, alg.name) if action == "switch" else self.intel.safe_arm
+            if action == "switch":  # the arm memory's estimates where the selector has one, as when choosing
+                emb = embedding() if embedding is not None and self.memory is not None and self.intel.uses_embedding \
+                    else None
+                arm = self.intel.alternative(x, alg.name, embedding=emb)
+            else:
+                arm = self.intel.safe_arm
             if arm is None or (arm.algorithm == alg.name and action == "switch"):
                 return "none", alg, budget, res, 0
             nb, _ = self._budget(None if arm.budget == 0 else Budget(int(arm.budget)), p_budget)

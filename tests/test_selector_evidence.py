@@ -219,3 +219,23 @@ def test_agent_counterfactuals_on_delayed_labels():
         assert agent.feedback(t.id, t.query_y) is not None
     st = agent.intel.status()["counterfactual"]
     assert st["tasks"] == 6 and st["steps"] > 0
+
+
+def test_switch_alternative_uses_the_arm_memory_for_this_task():
+    """The post-probe 'switch' picks the other arm as choosing does: by the arm memory's estimate for
+    the task's embedding where there is one (the global regressors otherwise)."""
+    arms = {"in_shape": [1], "out_dim": 1,
+            "arms": [{"algorithm": "maml"}, {"algorithm": "ridge"}, {"algorithm": "finetune"}]}
+    agent = Agent.from_config(cfg(agent=arms, selector={"arms": ["maml@1", "ridge@1", "finetune@5"], "burn_in": 1},
+                                  **QUIET))
+    intel, x = agent.intel, {"f": 1.0}
+    near, far = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    for _ in range(5):  # globally finetune looks better; on tasks like `near` ridge did
+        intel.selector.learn(x, Arm("finetune", 5), 0.9, embedding=far)
+        intel.selector.learn(x, Arm("ridge", 1), 0.1, embedding=far)
+    for t in range(5):  # rows of the arm memory only: the regressors never saw them
+        intel.selector.evidence.add(near, Arm("ridge", 1), 0.95, t)
+        intel.selector.evidence.add(near, Arm("finetune", 5), 0.05, t)
+    assert str(intel.alternative(x, "maml")) == "finetune@5"
+    assert str(intel.alternative(x, "maml", embedding=near)) == "ridge@1"
+    assert str(intel.alternative(x, "maml", embedding=far)) == "finetune@5"

@@ -257,13 +257,14 @@ class OnlineIntelligence:
         action = decide(p_post, thresholds=self.thresholds) if plan.warm else "none"
         return float(p_post), action
 
-    def alternative(self, x: Mapping[str, float], exclude: str) -> Arm | None:
-        """The best arm (by the selector's prediction) whose algorithm is not ``exclude``."""
+    def alternative(self, x: Mapping[str, float], exclude: str, embedding=None) -> Arm | None:
+        """The best arm (by the selector's prediction: the arm memory's estimate for a task
+        ``embedding`` where there is one) whose algorithm is not ``exclude``."""
         others = [a for a in self.arms if a.algorithm != exclude]
         if not others:
             return None
         if isinstance(self.selector, ContextualSelector):
-            pred = self.selector.predict(x)
+            pred = self.selector.predict(x, embedding)
             return max(others, key=lambda a: pred[a])
         return others[0]
 
