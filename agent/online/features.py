@@ -141,28 +141,20 @@ def _ridge(f: Tensor, y: Tensor, ridge: float = 1e-2) -> dict[str, float]:
 
 
 def _ridge_np(a: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> dict[str, float]:
-    """:func:`_ridge` on float64 arrays ``a`` (n, d) and ``y`` (n, outputs)."""
-    n = a.shape[0]
-    # kernel form with an intercept column of ones: [a 1] [a 1]^T = a a^T + 1; n x n, cheap for few-shot sizes
-    gram = a @ a.T + 1.0
-    lam = ridge * float(mean_np(gram.diagonal())) + 1e-9
-    with np.errstate(all="ignore"):
-        try:
-            hat = gram @ np.linalg.inv(gram + lam * np.eye(n))
-        except np.linalg.LinAlgError:  # a singular or non-finite system: no fit
-            return {"ridge_r2": math.nan, "loo_nmse": math.nan}
-        resid = y - hat @ y
-        var = var_np(y, 0).sum() + _EPS
-        sq = (resid * resid).sum(1)
-        r2 = 1.0 - mean_np(sq) / var
-        lev = np.maximum(1.0 - hat.diagonal(), 1e-6)
-        return {"ridge_r2": float(r2), "loo_nmse": float(mean_np(sq / (lev * lev)) / var)}
+    """:func:`_ridge` on float64 arrays ``a`` (n, d) and ``y`` (n, outputs): :func:`_ridge_batch`
+    of one system."""
+    fits = _ridge_batch(a[None], y[None], ridge)
+    if fits is None:  # a singular or non-finite system: no fit
+        return {"ridge_r2": math.nan, "loo_nmse": math.nan}
+    return {"ridge_r2": float(fits[0][0]), "loo_nmse": float(fits[1][0])}
 
 
 def _ridge_batch(a: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> tuple[np.ndarray, np.ndarray] | None:
-    """:func:`_ridge_np` of stacked systems ``a`` (b, n, d) and ``y`` (b, n, outputs): the arrays
-    ``(ridge_r2, loo_nmse)``, or ``None`` when one system is singular (then each is fitted alone)."""
+    """Train R^2 and leave-one-out normalised MSE (hat matrix) of ridge regressions of stacked
+    systems ``a`` (b, n, d) and ``y`` (b, n, outputs): the arrays ``(ridge_r2, loo_nmse)``, or
+    ``None`` when one system is singular (then each is fitted alone)."""
     n = a.shape[1]
+    # kernel form with an intercept column of ones: [a 1] [a 1]^T = a a^T + 1; n x n, cheap for few-shot sizes
     gram = a @ a.transpose(0, 2, 1) + 1.0
     lam = ridge * mean_np(gram.diagonal(axis1=1, axis2=2), 1) + 1e-9
     with np.errstate(all="ignore"):
@@ -424,8 +416,7 @@ def probe_features(algorithm, meta: Mapping[str, Tensor], task: TaskTensors, *, 
             out["loo_score"] = _class_geometry(f, task.support_y, int(task.n_way))["loo_acc"]
         elif n > 1:
             if loo_nmse is None:
-                fn = features.detach().reshape(n, -1).numpy().astype(np.float64)
-                loo_nmse = _ridge_np(fn, task.support_y.detach().reshape(n, -1).numpy().astype(np.float64))["loo_nmse"]
+                loo_nmse = _ridge(features.reshape(n, -1), task.support_y)["loo_nmse"]
             out["loo_nmse"] = loo_nmse
             out["loo_score"] = 1.0 / (1.0 + out["loo_nmse"]) if math.isfinite(out["loo_nmse"]) else math.nan
     return finite(out, flag="probe_nonfinite")
