@@ -353,6 +353,15 @@ def _answer_output(tt: TaskTensors, out: torch.Tensor) -> tuple[torch.Tensor, to
     return out, out.max(dim=-1).values
 
 
+def _predictions(task: Task, out: torch.Tensor) -> np.ndarray:
+    """The answer's predictions from :func:`_answer_output`'s outputs: class indices, or targets in
+    the shape of the task's support targets."""
+    if task.kind == CLASSIFICATION:
+        return out.argmax(dim=-1).numpy()
+    return out.reshape(out.shape[0], *task.support_y.shape[1:]).numpy() if task.support_y.ndim > 1 \
+        else out.reshape(-1).numpy()
+
+
 def _plain_result(tt: TaskTensors, state, trace, out: torch.Tensor) -> _Adapted:
     """What :meth:`Agent._adapt` makes of one guarded adaptation and its query output."""
     out, conf = _answer_output(tt, out)
@@ -904,7 +913,7 @@ class Agent:
             lazy.preset(embedding[0])
         embedding = lazy
         x = self._pre_features(tt, feats, embedding, pre, stats)
-        plan = intel.plan(task.id, x, embedding=embedding() if self.memory is not None and intel.uses_embedding else None)
+        plan = intel.plan(task.id, x, embedding=self._selector_embedding(embedding))
         for e in plan.drift:  # input drift: seen in the features, before any label
             m.drift_events.labels(signal=e.signal, detector=e.detector).inc()
         arm, base = self._arm_and_base(plan, feats)
@@ -961,11 +970,7 @@ class Agent:
             flags.append("drift")
 
         out = res.out
-        if tt.kind == CLASSIFICATION:
-            predictions = out.argmax(dim=-1).numpy()
-        else:
-            predictions = out.reshape(out.shape[0], *task.support_y.shape[1:]).numpy() if task.support_y.ndim > 1 \
-                else out.reshape(-1).numpy()
+        predictions = _predictions(task, out)
         finite_out = bool(np.isfinite(out.numpy()).all())
         if res.diverged:
             flags.append("diverged")
@@ -1030,6 +1035,12 @@ class Agent:
         except Exception:  # noqa: BLE001 - e.g. a malformed task: each task embeds itself (and reports its error)
             return [None] * len(items)
         return [(v if np.isfinite(v).all() and np.any(v) else None,) for v in vals]
+
+    def _selector_embedding(self, embedding: "_LazyEmbedding | None") -> np.ndarray | None:
+        """The task embedding for the selector's arm memory (``None`` when it has none)."""
+        if embedding is None or self.memory is None or not self.intel.uses_embedding:
+            return None
+        return embedding()
 
     def _support_stats(self, items: Sequence[tuple]) -> list[dict | None]:
         """A micro-batch's support statistics for the pre-features, from one
@@ -1123,12 +1134,9 @@ class Agent:
                 return "none", alg, budget, res, 0
             target = (alg, nb)
         elif action in ("switch", "fallback"):
-            if action == "switch":  # the arm memory's estimates where the selector has one, as when choosing
-                emb = embedding() if embedding is not None and self.memory is not None and self.intel.uses_embedding \
-                    else None
-                arm = self.intel.alternative(x, alg.name, embedding=emb)
-            else:
-                arm = self.intel.safe_arm
+            # switch: by the arm memory's estimates where the selector has one, as when choosing
+            arm = self.intel.alternative(x, alg.name, embedding=self._selector_embedding(embedding)) \
+                if action == "switch" else self.intel.safe_arm
             if arm is None or (arm.algorithm == alg.name and action == "switch"):
                 return "none", alg, budget, res, 0
             nb, _ = self._budget(None if arm.budget == 0 else Budget(int(arm.budget)), p_budget)
@@ -1366,12 +1374,8 @@ class Agent:
             state, trace = guarded_adapt(alg, self.meta, tt, steps, **guard)
             with torch.no_grad():
                 out, _ = _answer_output(tt, alg.predict(self.meta, state, tt.query_x))
-            if tt.kind == CLASSIFICATION:
-                pred = out.argmax(dim=-1).numpy()
-            else:
-                pred = out.reshape(out.shape[0], *task.support_y.shape[1:]).numpy() if task.support_y.ndim > 1 \
-                    else out.reshape(-1).numpy()
-            rows.append((str(arm), quality_of(_score(task, pred, self.config.online.fail_threshold)), trace.step_calls))
+            score = _score(task, _predictions(task, out), self.config.online.fail_threshold)
+            rows.append((str(arm), quality_of(score), trace.step_calls))
         return rows
 
     def _memory_add(self, entry: MemoryEntry) -> None:
