@@ -322,7 +322,7 @@ class ContextualSelector(_Boost):
         task's embedding, for the evidence estimates (ignored without an arm memory)."""
         factor = self._tick_boost() if explore else 1.0
         if explore:
-            self.tasks = getattr(self, "tasks", 0) + 1
+            self.tasks += 1
             arm = self._burn_in_arm()
             if arm is not None:
                 return self._note_choice(arm)
@@ -343,7 +343,7 @@ class ContextualSelector(_Boost):
         arm, r = _checked(arm, self.models, reward)
         self.models[arm].learn_one(dict(features), r)
         if self.evidence is not None and embedding is not None:
-            self.evidence.add(embedding, arm, r, getattr(self, "tasks", 0))
+            self.evidence.add(embedding, arm, r, self.tasks)
         if pulled:
             self.counts[arm] += 1
             self.n += 1

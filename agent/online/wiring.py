@@ -272,7 +272,7 @@ class OnlineIntelligence:
         """The arms to evaluate on a labelled task besides the ``credited`` one: every other arm on a
         ``selector.counterfactual`` share of the tasks (drawn with this object's own seeded rng),
         none otherwise or without a contextual selector."""
-        rate = getattr(self, "counterfactual_rate", 0.0)
+        rate = self.counterfactual_rate
         if rate <= 0 or not isinstance(self.selector, ContextualSelector) or self._cf_rng is None:
             return []
         if rate < 1 and self._cf_rng.random() >= rate:
@@ -286,9 +286,9 @@ class OnlineIntelligence:
         rows = list(rows)
         if not rows or not isinstance(self.selector, ContextualSelector) or x is None:
             return
-        self.counterfactual_tasks = getattr(self, "counterfactual_tasks", 0) + 1
+        self.counterfactual_tasks += 1
         for arm, quality, compute in rows:
-            self.counterfactual_steps = getattr(self, "counterfactual_steps", 0.0) + float(compute)
+            self.counterfactual_steps += float(compute)
             self.selector.learn(x, parse_arm(arm), reward(quality, compute, lam), embedding=embedding, pulled=False)
 
     def count(self, action: str) -> None:
@@ -391,5 +391,4 @@ class OnlineIntelligence:
                 "failure": self.predictor.summary(), "actions": {a: self.actions.get(a, 0) for a in ACTIONS},
                 "drift": dict(self.drift.n_detections) if self.drift is not None else {},
                 "selector": {str(a): n for a, n in self.selector.counts.items()} if self.selector is not None else {},
-                "counterfactual": {"tasks": getattr(self, "counterfactual_tasks", 0),
-                                   "steps": getattr(self, "counterfactual_steps", 0.0)}}
+                "counterfactual": {"tasks": self.counterfactual_tasks, "steps": self.counterfactual_steps}}
