@@ -73,7 +73,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import checkpoint as ckpt
 from agent.algorithms import Algorithm, TaskTensors, build
-from agent.batch import (batchable, embed_batch, guarded_adapt_batch, predict_batch, shape_key, start_batch,
+from agent.batch import (batchable, embed_batch, guarded_adapt_batch, predict_batch, shape_key, start_batch, start_one,
                          start_loss_batch)
 from agent.compute import Budget, TokenBucket, choose_budget, ensemble_predict, guarded_adapt, overlay
 from agent.config import Config, load as load_config
@@ -771,7 +771,10 @@ class Agent:
         pre: list = [None] * len(tts)
         if batchable(alg) or len(tts) == 1:
             try:
-                pre = start_batch(alg, self.meta, tts, grad=self.config.failure.grad_features)
+                grad = self.config.failure.grad_features
+                # a task alone also keeps the gradient and loss for its guard's first step (start_one)
+                pre = [start_one(alg, self.meta, tts[0], grad=grad)] if len(tts) == 1 else \
+                    start_batch(alg, self.meta, tts, grad=grad)
             except Exception:  # noqa: BLE001 - an exotic model under vmap: fall back to the loop
                 log.exception("batched features failed; computing them task by task")
                 pre = [None] * len(tts)
@@ -890,8 +893,9 @@ class Agent:
     def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float, pre: tuple | None = None) -> Outcome:
         """Plan, adapt and finish one task (learning from inline labels at once)."""
         job = self._plan_task(task, tt, feats, pre)
+        start = pre[3] if pre is not None and len(pre) > 3 and job.alg.model is self.learner.model else None
         t0 = time.perf_counter()
-        res = self._adapt(job.alg, tt, job.budget, job.embedding)
+        res = self._adapt(job.alg, tt, job.budget, job.embedding, start=start)
         return self._finish(job, res, time.perf_counter() - t0, received)[0]
 
     def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None,
@@ -1077,7 +1081,7 @@ class Agent:
         grad = self.config.failure.grad_features
         x = pre_features(self.learner, self.meta, tt, self.memory if emb is not None else None,
                          embedding=emb, k=self.config.memory.k, loss_and_grad=grad,
-                         features=None if pre is None else pre[0], init=None if pre is None or not grad else pre[1:],
+                         features=None if pre is None else pre[0], init=None if pre is None or not grad else pre[1:3],
                          stats=stats)
         extra = finite({"difficulty": feats["difficulty"],
                         "log_norm_init_loss": math.log(max(feats["norm_init_loss"], 1e-12))
@@ -1167,11 +1171,14 @@ class Agent:
         return neighbours
 
     def _adapt(self, alg: Algorithm, tt: TaskTensors, budget: Budget, embedding,
-               first: tuple | None = None) -> _Adapted:
+               first: tuple | None = None, start: tuple | None = None) -> _Adapted:
         """Guarded adaptation from the meta-initialisation, plus warm starts from memory.
 
         ``first``: the meta-initialisation's ``(state, trace)`` when it was already adapted (a
         micro-batch, :func:`agent.batch.guarded_adapt_batch`); only the warm starts run here then.
+        ``start``: the support loss's gradient and value at the meta-parameters from the features
+        pass (:func:`agent.batch.start_one`), for the guard's first step (the same result, one
+        forward and backward pass fewer).
 
         ``memory.warm_start`` ``select`` (see :class:`~agent.config.MemoryConfig`): the
         meta-initialisation is adapted exactly as without memory; a neighbour's stored state is a
@@ -1195,7 +1202,7 @@ class Agent:
                 m.memory_hits.inc(len(inits) - 1)
                 return _Adapted(res.members[res.best], res.prediction, res.confidence, res.step_calls,
                                 any(tr.diverged for tr in res.traces), len(inits), ["ensemble"])
-        state, trace = guarded_adapt(alg, self.meta, tt, budget.steps, **guard) if first is None else first
+        state, trace = guarded_adapt(alg, self.meta, tt, budget.steps, start=start, **guard) if first is None else first
         meta, calls, diverged, members, flags = self.meta, trace.step_calls, trace.diverged, 1, []
         if trace.backtracks:
             flags.append("backtracked")

@@ -54,12 +54,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from agent.algorithms.base import Adapted, Algorithm, MetaState, TaskTensors, func_grad
+from agent.algorithms.base import Adapted, Algorithm, MetaState, TaskTensors, func_grad, plain_inner_loop
 from agent.compute import AdaptTrace, guarded_adapt
 from agent.nn.model import embed, subdict
 
-__all__ = ["guarded_adapt_batch", "predict_batch", "embed_batch", "start_batch", "start_loss_batch", "batchable",
-           "shape_key"]
+__all__ = ["guarded_adapt_batch", "predict_batch", "embed_batch", "start_batch", "start_one", "start_loss_batch",
+           "batchable", "shape_key"]
 
 
 def shape_key(task: TaskTensors) -> tuple:
@@ -474,7 +474,7 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
 
         if len(idx) == 1 or not batchable(algorithm):
             for i in idx:
-                out[i] = _start_one(algorithm, shared, rest, tasks[i], grad)
+                out[i] = _start_one(algorithm, shared, rest, tasks[i], grad)[:3]
             continue
         sx = torch.stack([tasks[i].support_x for i in idx])
         sy = torch.stack([tasks[i].support_y for i in idx])
@@ -485,8 +485,47 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
     return out
 
 
-def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors, grad: bool) -> tuple[Tensor, float, float]:
-    """:func:`start_batch` for one task, without vmap (the computation of ``_init_loss_and_grad``).
+def start_one(algorithm: Algorithm, meta: MetaState, task: TaskTensors, *,
+              grad: bool = True) -> tuple[Tensor, float, float, tuple[dict, Tensor] | None]:
+    """:func:`start_batch` for one task, plus what the guard's first step can reuse.
+
+    Returns ``(support features, initial loss, gradient norm, start)``: the first three as
+    :func:`start_batch` gives them, and ``start`` the ``(gradient, loss)`` that
+    :func:`~agent.compute.guarded_adapt` takes as ``start`` (gradient keyed like
+    ``algorithm.params_of(meta)``, zeros where the loss does not reach), or ``None`` without
+    ``grad``, for an algorithm that is not a :func:`~agent.algorithms.base.plain_inner_loop`
+    (its first step descends another objective), or when some ``params.*`` entry is not floating.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from agent.algorithms.maml import MAML
+    >>> from agent.compute import guarded_adapt
+    >>> from agent.nn.mlp import MLPFeatures
+    >>> from agent.nn.model import MetaModel
+    >>> maml = MAML(MetaModel(MLPFeatures(1, (8,)), 8, 1), inner_lr=0.3)
+    >>> meta = maml.init_meta(torch.Generator().manual_seed(0))
+    >>> x = torch.linspace(-1, 1, 5).unsqueeze(1)
+    >>> task = TaskTensors(x, 2 * x, x, None, "regression")
+    >>> f, loss, gnorm, start = start_one(maml, meta, task)
+    >>> _, plain = guarded_adapt(maml, meta, task, 5)
+    >>> _, reused = guarded_adapt(maml, meta, task, 5, start=start)
+    >>> reused.losses == plain.losses and reused.losses[0] == loss
+    True
+    """
+    names = [k for k, v in meta.items() if k.startswith("params.") and v.is_floating_point()]
+    shared = {k: meta[k].detach() for k in names}
+    rest = {k: v.detach() for k, v in meta.items() if k not in shared}
+    f, loss, gnorm, start = _start_one(algorithm, shared, rest, task, grad)
+    if start is not None and (not plain_inner_loop(algorithm) or any(k.startswith("params.") for k in rest)):
+        start = None
+    return f, loss, gnorm, start
+
+
+def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors,
+               grad: bool) -> tuple[Tensor, float, float, tuple[dict, Tensor] | None]:
+    """:func:`start_one`, the computation of ``_init_loss_and_grad`` (``start``: the gradient of
+    every ``shared`` entry, unchecked).
 
     The support features are those the loss's forward pass computed (caught by a forward hook on
     the backbone) when that pass ran the backbone exactly once, on the support inputs; otherwise
@@ -504,14 +543,16 @@ def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors
     finally:
         if hook is not None:
             hook.remove()
+    start = None
     with torch.enable_grad() if grad else torch.no_grad():
         gnorm = math.nan
         if grad:
             inputs = list(p.values())
             if inputs and loss.requires_grad:
-                grads = [g.reshape(-1) for g in torch.autograd.grad(loss, inputs, allow_unused=True) if g is not None]
-                flat = torch.cat(grads).double() if grads else torch.zeros(0, dtype=torch.float64)
+                got = torch.autograd.grad(loss, inputs, materialize_grads=True)
+                flat = torch.cat([g.reshape(-1) for g in got]).double()
                 gnorm = math.sqrt(float(flat.dot(flat)))  # one float64 sum of squares (few ops: dispatch dominates here)
+                start = ({k[len("params."):]: g for k, g in zip(p, got)}, loss.detach())
             else:
                 gnorm = 0.0
     with torch.no_grad():
@@ -522,4 +563,4 @@ def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors
             f = algorithm.embed(m, params, task.support_x)
         else:
             f = embed(algorithm.model, dict(m), subdict(m, "buffers."), task.support_x)
-    return f, float(loss.detach()), gnorm
+    return f, float(loss.detach()), gnorm, start

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from agent.algorithms.base import CLASSIFICATION, Adapted, Algorithm, MetaState, TaskTensors, task_loss
+from agent.algorithms.base import CLASSIFICATION, Adapted, Algorithm, MetaState, TaskTensors, plain_inner_loop, task_loss
 
 __all__ = [
     "Budget",
@@ -379,7 +379,8 @@ def _heldout_loss(algorithm: Algorithm, meta: MetaState, state: Adapted, held: T
 def guarded_adapt(algorithm: Algorithm, meta: MetaState, task: TaskTensors, max_steps: int, *,
                   patience: int = 2, min_rel_improvement: float = 1e-3, backtrack: bool = True,
                   max_backtracks: int = 4, min_steps: int = 1, holdout: float | str | None = None,
-                  generator: torch.Generator | None = None) -> tuple[Adapted, AdaptTrace]:
+                  generator: torch.Generator | None = None,
+                  start: tuple[Mapping[str, Tensor], Tensor] | None = None) -> tuple[Adapted, AdaptTrace]:
     """Adapt with up to ``max_steps`` inner steps, watching the support loss.
 
     Each step starts at the current ``lr_scale`` (1 at first). When the new support loss is
@@ -418,6 +419,13 @@ def guarded_adapt(algorithm: Algorithm, meta: MetaState, task: TaskTensors, max_
         this falls back to ``None`` and says so in ``trace.holdout``.
     generator
         Draws the held-out split; without one the split is deterministic (every k-th example).
+    start
+        ``(gradient, loss)`` of the support loss at the meta-parameters, when the caller computed
+        them already (the agent's features pass, :func:`agent.batch.start_one`): gradient keyed
+        like ``algorithm.params_of(meta)``. The guard then takes its starting loss and the first
+        step's gradient from it instead of running the model again; the result is the same.
+        Used only without ``holdout`` and for :func:`~agent.algorithms.base.plain_inner_loop`
+        algorithms (ignored otherwise).
 
     Returns
     -------
@@ -448,7 +456,7 @@ def guarded_adapt(algorithm: Algorithm, meta: MetaState, task: TaskTensors, max_
         return _closed_form(algorithm, meta, task, holdout, generator)
     if holdout is None:
         return _guard(algorithm, meta, task, max_steps, patience, min_rel_improvement, backtrack,
-                      max_backtracks, min_steps)
+                      max_backtracks, min_steps, start=start if start is not None and plain_inner_loop(algorithm) else None)
     folds = _folds(task, holdout, generator)
     if not folds:
         return _guard(algorithm, meta, task, max_steps, patience, min_rel_improvement, backtrack,
@@ -491,10 +499,15 @@ def _closed_form(algorithm, meta, task, holdout, generator):
 
 
 def _guard(algorithm, meta, task, max_steps, patience, min_rel_improvement, backtrack, max_backtracks,
-           min_steps, keep_path=False):
+           min_steps, keep_path=False, start=None):
     trace = AdaptTrace()
     cur = algorithm.start(meta, task)
-    cur_loss = _loss(algorithm, meta, cur, task)
+    at = start  # (gradient, loss) at ``cur`` while it is the start state; every retry of the first step reuses it
+    if at is None:
+        cur_loss = _loss(algorithm, meta, cur, task)
+    else:
+        v = float(at[1])
+        cur_loss = v if math.isfinite(v) else math.inf
     trace.losses.append(cur_loss)
     path = [cur]
     first = min(min_steps, max_steps)
@@ -504,7 +517,8 @@ def _guard(algorithm, meta, task, max_steps, patience, min_rel_improvement, back
     for _ in range(max_steps):
         accepted = None
         for attempt in range(max_backtracks + 1 if backtrack else 1):
-            cand = algorithm.step(meta, cur, task, lr_scale=scale)
+            cand = algorithm.step(meta, cur, task, lr_scale=scale) if at is None else \
+                algorithm.step(meta, cur, task, lr_scale=scale, at=at)
             trace.step_calls += 1
             loss = _loss(algorithm, meta, cand, task)
             if loss == math.inf:
@@ -522,7 +536,7 @@ def _guard(algorithm, meta, task, max_steps, patience, min_rel_improvement, back
             break
         cand, loss = accepted
         rel = (cur_loss - loss) / max(abs(cur_loss), 1e-12)
-        cur, cur_loss = cand, loss
+        cur, cur_loss, at = cand, loss, None
         trace.losses.append(cur_loss)
         path.append(cur)
         flat = flat + 1 if rel < min_rel_improvement else 0

@@ -361,3 +361,77 @@ def test_start_batch_one_task_features_and_no_hook_left(name):
             assert (gnorm == pytest.approx(want_g, rel=1e-6)) if grad else math.isnan(gnorm)
             assert not f.requires_grad
     assert not model.features._forward_hooks
+
+
+@pytest.mark.parametrize("name", ["maml", "metasgd", "mamlpp", "anil", "imaml"])
+def test_guard_start_from_the_features_pass_gives_the_same_adaptation(name):
+    # The agent's features pass (start_one) computes the support loss and its gradient at the
+    # meta-parameters; the guard's first step reuses them. Same trace and state, bit for bit,
+    # with backtracking from the start state (a large step) and a plateau stop; algorithms
+    # whose first step descends another objective get no start (and would ignore one).
+    from agent.algorithms.base import plain_inner_loop
+    from agent.batch import start_one
+
+    alg = build(name, mlp(hidden=(16,)), inner_lr=2.0 if name != "imaml" else 0.5)
+    meta = alg.init_meta(torch.Generator().manual_seed(3))
+    backtracked = 0
+    for t in sine_tasks(6, seed=31):
+        f, loss, gnorm, start = start_one(alg, meta, t)
+        assert (start is not None) == plain_inner_loop(alg) == (name in ("maml", "metasgd", "mamlpp"))
+        if start is None:  # a gradient of another objective must be ignored: pass a wrong one
+            start = ({k: torch.ones_like(v) for k, v in alg.params_of(meta).items()}, torch.tensor(loss))
+        want_s, want = guarded_adapt(alg, meta, t, 6, patience=2, max_backtracks=3)
+        got_s, got = guarded_adapt(alg, meta, t, 6, patience=2, max_backtracks=3, start=start)
+        assert got.to_dict() == want.to_dict()
+        assert got.losses[0] == loss
+        for k in want_s.params:
+            assert torch.equal(got_s.params[k], want_s.params[k]), k
+        backtracked += want.backtracks
+        # the gradient norm the features report is the norm of the reused gradient
+        if plain_inner_loop(alg):
+            assert gnorm == pytest.approx(math.sqrt(sum(float(g.double().pow(2).sum()) for g in start[0].values())))
+    assert backtracked > 0  # the first step's retries reused the gradient too
+
+
+def test_agent_one_task_reuses_the_start_gradient_and_answers_the_same(monkeypatch):
+    # A task alone: one backward pass fewer per task (the guard's first step takes the features
+    # pass's gradient), identical answers, traces and learning.
+    import agent.agent as agent_module
+    from agent.agent import Agent
+    from agent.batch import start_one
+
+    calls = {"n": 0}
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*a, **k):
+        calls["n"] += 1
+        return real_grad(*a, **k)
+
+    def run(reuse):
+        monkeypatch.setattr(agent_module, "start_one",
+                            start_one if reuse else (lambda *a, **k: start_one(*a, **k)[:3] + (None,)))
+        monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+        calls["n"] = 0
+        a = Agent.from_config({"agent": {"in_shape": [1], "out_dim": 1, "seed": 4, "micro_batch": 1},
+                               "metrics": {"addr": "0"}})
+        outs = [a.step(t).to_dict() for t in sine_records(25, seed=8)]
+        monkeypatch.undo()
+        return a, outs, calls["n"]
+
+    plain, plain_out, plain_calls = run(False)
+    reused, reused_out, reused_calls = run(True)
+    strip = lambda d: {k: v for k, v in d.items() if k != "latency_ms"}  # noqa: E731
+    assert [strip(d) for d in reused_out] == [strip(d) for d in plain_out]
+    assert plain_calls - reused_calls == 25
+    assert plain.status() == reused.status()
+    for k in plain.meta:
+        assert torch.equal(plain.meta[k], reused.meta[k])
+
+
+
+def sine_records(n, seed):
+    """``n`` labelled sinusoid tasks as the agent takes them (:class:`agent.task.Task`)."""
+    from agent.task import Task
+
+    return [Task(f"t{i}", "regression", t.support_x.numpy(), t.support_y.numpy(), t.query_x.numpy(), t.query_y.numpy())
+            for i, t in enumerate(sine_tasks(n, seed=seed))]

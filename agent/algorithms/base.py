@@ -349,15 +349,23 @@ class Algorithm:
         return out
 
     def step(self, meta: MetaState, state: Adapted, task: TaskTensors, *, lr_scale: float = 1.0,
-             create_graph: bool = False, grad_fn: GradFn = autograd_grad) -> Adapted:
+             create_graph: bool = False, grad_fn: GradFn = autograd_grad,
+             at: tuple[Params, Tensor] | None = None) -> Adapted:
         """One inner gradient step from ``state``; ``lr_scale`` shrinks it (backtracking).
 
         Without ``create_graph`` the new state is detached from ``meta`` (inference); with it the
         step is differentiable to second order. The returned state's ``prev_loss`` is the
         support loss of ``state`` (detached without ``create_graph``).
+
+        ``at``: ``(gradient, loss)`` of the inner objective at ``state`` when the caller computed
+        them already (:func:`plain_inner_loop` algorithms at their start state, see
+        :func:`agent.batch.start_one`); the step then only applies the update. Inference only.
         """
         loss_fn, params = self.inner_objective(meta, state, task)
-        grads, loss = grad_and_value_fn(grad_fn)(loss_fn, params, create_graph)
+        if at is not None and not create_graph:
+            grads, loss = at
+        else:
+            grads, loss = grad_and_value_fn(grad_fn)(loss_fn, params, create_graph)
         if create_graph:
             return Adapted(self._update(meta, state, params, grads, lr_scale), dict(state.extras), state.step + 1, loss)
         with torch.no_grad():
@@ -477,6 +485,29 @@ class Algorithm:
 
         losses = torch.func.vmap(one)(stack("support_x"), stack("support_y"), stack("query_x"), stack("query_y"))
         return losses.mean()
+
+
+_INNER_LOOP_METHODS = ("forward", "start", "inner_objective", "inner_loss", "step", "predict", "support_loss")
+
+
+def plain_inner_loop(algorithm: "Algorithm") -> bool:
+    """Whether ``algorithm`` descends the plain support loss of every ``params.*`` entry from
+    ``params_of(meta)``: none of the methods that define the inner loop is overridden (MAML,
+    FOMAML, Meta-SGD and MAML++ differ only in step sizes). Then the gradient of
+    ``support_loss(meta, start(meta, task), task)`` with respect to the ``params.*`` entries is
+    the first inner step's gradient, and a caller that computed it may pass it to :meth:`Algorithm.step` (``at``).
+
+    Examples
+    --------
+    >>> from agent.algorithms import build
+    >>> from agent.nn.mlp import MLPFeatures
+    >>> from agent.nn.model import MetaModel
+    >>> model = MetaModel(MLPFeatures(1, (8,)), 8, 1)
+    >>> [plain_inner_loop(build(n, model)) for n in ("maml", "metasgd", "mamlpp", "anil", "imaml", "protonet")]
+    [True, True, True, False, False, False]
+    """
+    cls = type(algorithm)
+    return algorithm.iterative and all(getattr(cls, m) is getattr(Algorithm, m) for m in _INNER_LOOP_METHODS)
 
 
 def _detached(d: Mapping) -> dict:
