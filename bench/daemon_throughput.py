@@ -43,6 +43,13 @@ shuffled rounds, median of per-round paired ratios), three implementations answe
   floor)``: whether the 10% goal is reachable at all with these River models. One more pass
   with a clock around each group of calls splits the floor into its parts.
 
+* **image tasks** (info, ``--conv4-tasks``, outside the goals): the same comparison at micro-batch 1
+  on 5-way 5-shot glyph images (the ``glyphs`` family of ``glyphs-osaka``, 28x28, inline JSON
+  pixels) with a Conv4 backbone of each ``--conv4-widths`` (random init: the adaptation's cost
+  does not depend on it, and the bare loop adapts from the same meta-parameters), MAML with the
+  same guard and fixed budget. It shows how the agent's own time, mostly fixed per task, weighs
+  against a model that costs more than the sinusoid MLP.
+
 Reported: seconds per pass (median and quartiles over rounds), tasks/s, and for each agent row
 the time ratio to the bare loop and to the bare batched loop of the same m (medians of per-round
 ratios), with the overhead share ``1 - bare/agent``. Goals (issue 3): the agent's own overhead
@@ -54,7 +61,7 @@ the pass; and, for every micro-batch size, one plain pass with a clock around ea
 agent's pieces (``clock_breakdown``: exclusive ms/task, no profiler overhead; a single pass, not
 interleaved, so noisier than the timed rows).
 
-    python bench/daemon_throughput.py --train-seconds 30 --tasks 300 --rounds 7 --profile --out bench/results/daemon_throughput.json
+    python bench/daemon_throughput.py --train-seconds 30 --tasks 300 --rounds 7 --profile --conv4-tasks 40 --out bench/results/daemon_throughput.json
 """
 
 from __future__ import annotations
@@ -134,8 +141,17 @@ def agent_config(init: str | None, micro_batch: int, online: bool, seed: int, th
     }
 
 
-def write_stream(path: Path, n: int, seed: int) -> list:
-    stream = make_stream("sinusoid-osaka", n_tasks=n, seed=seed)
+def conv4_config(width: int, seed: int, threads: int) -> dict:
+    """:func:`agent_config` for 5-way glyph images with a Conv4 backbone of ``width`` channels (random init)."""
+    cfg = agent_config(None, 1, False, seed, threads)
+    cfg["model"] = {"arch": "conv4", "width": width}
+    cfg["agent"] = {**cfg["agent"], "in_shape": [1, 28, 28], "out_dim": 5,
+                    "arms": [{"algorithm": "maml", "inner_lr": 0.4, "budget": STEPS_LEVEL}]}
+    return cfg
+
+
+def write_stream(path: Path, n: int, seed: int, name: str = "sinusoid-osaka", **options) -> list:
+    stream = make_stream(name, n_tasks=n, seed=seed, **options)
     lines = []
     while not stream.exhausted:
         lines += [r.data for r in stream.poll(0)]
@@ -407,9 +423,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--micro-batches", default="1,8,32", help="agent micro-batch sizes to time")
     p.add_argument("--profile", action="store_true", help="cProfile one agent pass (micro-batch 8)")
+    p.add_argument("--conv4-tasks", type=int, default=0, help="glyph image tasks for the Conv4 info rows (0: none)")
+    p.add_argument("--conv4-widths", default="8,32", help="Conv4 channel widths for those rows")
     args = p.parse_args(argv)
     if args.quick:
         args.train_seconds, args.tasks, args.rounds = min(args.train_seconds, 1.0), 16, 2
+        args.conv4_tasks, args.conv4_widths = min(args.conv4_tasks, 3), "4"
     common.setup_threads(args.threads)
     info = common.print_header("bench/daemon_throughput.py: agent tasks/s against a bare adaptation loop", args)
     results = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}}
@@ -461,6 +480,7 @@ def main(argv=None) -> int:
             prof = profile_pass(AgentPass(agent_config(init, 8, False, args.seed, args.threads), src, tmp, "prof", 1))
             breakdown = {m: clock_breakdown(lambda m=m: AgentPass(agent_config(init, m, False, args.seed, args.threads),
                                                                   src, tmp, f"clock{m}", 1)) for m in mbs}
+        conv = conv4_rows(args, tmp) if args.conv4_tasks > 0 else None
 
     n = len(tasks)
     bare = timing.median("bare loop")
@@ -563,8 +583,59 @@ def main(argv=None) -> int:
         print("### The agent's pieces (inclusive time, share of the profiled pass; pieces nest, so shares do not add up)")
         print(common.table(["piece", "calls", "seconds", "share"],
                            [[a, b, f"{c:.3f}", f"{100 * c / total:.1f}%"] for a, b, c in pieces]))
+    if conv is not None:
+        print_conv4(conv, args, 1e3 * bare / n, 1e3 * timing.median("agent mb=1") / n if 1 in mbs else None)
+        results["conv4"] = conv
     common.write_json(args.out, results)
     return 0
+
+
+def conv4_rows(args, tmp: Path) -> dict:
+    """The image-task info rows: per Conv4 width, agent mb=1 against the bare loop (interleaved)."""
+    src = tmp / "glyphs.jsonl"
+    tasks = write_stream(src, args.conv4_tasks, args.seed, "glyphs-osaka", modes={"glyphs": 1.0})
+    tts = [t.to_tensors() for t in tasks]
+    print(f"glyph stream file: {len(tasks)} records, {src.stat().st_size / 1e6:.2f} MB", flush=True)
+    rounds = max(2, min(args.rounds, 5))
+    out = {"tasks": len(tasks), "rounds": rounds, "widths": {}}
+    for width in [int(w) for w in args.conv4_widths.split(",")]:
+        cfg = conv4_config(width, args.seed, args.threads)
+        agent = AgentPass(cfg, src, tmp, f"conv{width}", rounds + 1)
+        ref = agent.agents[0]
+        alg, meta, cc = ref.learner, ref.meta, ref.config.compute
+        steps = ref.levels[STEPS_LEVEL].steps
+        fns = {"agent mb=1": agent, "bare loop": lambda: bare_pass(alg, meta, tts, cc.patience, cc.max_backtracks, steps)}
+        print(f"timing Conv4 width {width}: {rounds} interleaved rounds + 1 warm-up ...", flush=True)
+        t = common.interleaved(fns, rounds=rounds, reps=1, seed=args.seed, warmup=1)
+        calls = (agent_step_calls(agent.last_out), bare_pass(alg, meta, tts, cc.patience, cc.max_backtracks, steps))
+        r = t.ratio("agent mb=1", "bare loop")
+        out["widths"][width] = {
+            "agent_ms_per_task": 1e3 * t.median("agent mb=1") / len(tasks),
+            "bare_ms_per_task": 1e3 * t.median("bare loop") / len(tasks),
+            "ratio": r, "ratio_q": t.ratio_quartiles("agent mb=1", "bare loop"), "overhead": 1 - 1 / r,
+            "step_calls": {"agent": calls[0], "bare": calls[1]}, "cpu_per_wall": common.cpu_line(t)}
+    return out
+
+
+def print_conv4(conv: dict, args, sine_bare_ms: float, sine_agent_ms: float | None) -> None:
+    print()
+    print(f"### Image tasks (info): 5-way 5-shot glyphs, Conv4, agent mb=1 against the bare loop "
+          f"({conv['tasks']} tasks, median over {conv['rounds']} rounds; inline JSON pixels)")
+    rows = []
+    if sine_agent_ms is not None:
+        rows.append(["sinusoid MLP 1-40-40-1 (the goal's row)", f"{sine_bare_ms:.2f}", f"{sine_agent_ms:.2f}",
+                     f"{sine_agent_ms - sine_bare_ms:.2f}", f"{100 * (1 - sine_bare_ms / sine_agent_ms):.1f}%", "-"])
+    for width, w in conv["widths"].items():
+        q1, q3 = w["ratio_q"]
+        rows.append([f"Conv4 width {width}", f"{w['bare_ms_per_task']:.2f}", f"{w['agent_ms_per_task']:.2f}",
+                     f"{w['agent_ms_per_task'] - w['bare_ms_per_task']:.2f}",
+                     f"{100 * w['overhead']:.1f}% (ratio {w['ratio']:.3f} [{q1:.3f}, {q3:.3f}])",
+                     f"{w['step_calls']['agent']} / {w['step_calls']['bare']}"])
+    print(common.table(["model", "bare loop ms/task", "agent ms/task", "agent - bare, ms/task",
+                        "1 - bare/agent (paired median)", "inner-step calls agent / bare"], rows))
+    for width, w in conv["widths"].items():
+        print(f"Conv4 width {width}: {w['cpu_per_wall']}")
+    return None
 
 
 if __name__ == "__main__":

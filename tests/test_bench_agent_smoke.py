@@ -32,8 +32,11 @@ def test_memory_bench_quick(tmp_path):
 
 
 def test_daemon_throughput_quick(tmp_path):
-    stdout, data = run_bench_script("daemon_throughput", tmp_path, "--profile")
+    stdout, data = run_bench_script("daemon_throughput", tmp_path, "--profile", "--conv4-tasks", "2")
     assert "| bare loop" in stdout and "| agent mb=1" in stdout and "| agent mb=8" in stdout
+    assert "### Image tasks (info)" in stdout and "| Conv4 width 4" in stdout
+    conv = data["conv4"]["widths"]["4"]
+    assert conv["step_calls"]["agent"] == conv["step_calls"]["bare"] > 0  # the same adaptation
     assert "overhead <= 10%" in stdout and "throughput above the bare loop" in stdout
     assert "top 10 cumulative" in stdout and "guarded_adapt" in stdout
     assert data["agent_stats"]["errors"] == 0 and data["agent_stats"]["tasks"] == data["agent_stats"]["written"]
