@@ -109,6 +109,7 @@ PIECES = [
     ("predict (query, and the guard's support losses)", "agent/algorithms/base.py", "predict"),
     ("parse + validate records", "agent/task.py", "parse_record"),
     ("features: support features, initial loss, gradient norm", "agent/batch.py", "start_batch"),
+    ("features, one task (and the gradient the guard reuses)", "agent/batch.py", "start_one"),
     ("pre-features: support statistics, batched", "agent/online/features.py", "support_stats_many"),
     ("probe: ridge LOO, batched", "agent/online/features.py", "loo_nmse_many"),
     ("task -> tensors", "agent/task.py", "to_tensors"),
@@ -337,6 +338,7 @@ def clock_pieces():
     return [
         ("parse + validate records", agent_mod, "parse_record"),
         ("features: support features, initial loss and gradient norm (start_batch)", agent_mod, "start_batch"),
+        ("features, one task: the same and the gradient the guard's first step reuses (start_one)", agent_mod, "start_one"),
         ("memory embedding, batched", Agent, "_embeddings"),
         ("memory embedding, one task", Agent, "_embedding"),
         ("pre-features: support statistics, batched", Agent, "_support_stats"),
