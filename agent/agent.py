@@ -772,9 +772,9 @@ class Agent:
         if batchable(alg) or len(tts) == 1:
             try:
                 grad = self.config.failure.grad_features
-                # a task alone also keeps the gradient and loss for its guard's first step (start_one)
+                # with the gradient and loss for the guard's first step (start_one, keep_start)
                 pre = [start_one(alg, self.meta, tts[0], grad=grad)] if len(tts) == 1 else \
-                    start_batch(alg, self.meta, tts, grad=grad)
+                    start_batch(alg, self.meta, tts, grad=grad, keep_start=True)
             except Exception:  # noqa: BLE001 - an exotic model under vmap: fall back to the loop
                 log.exception("batched features failed; computing them task by task")
                 pre = [None] * len(tts)
@@ -828,7 +828,7 @@ class Agent:
             t0 = time.perf_counter()
             try:
                 pairs = guarded_adapt_batch(alg, self.meta, [j.tt for _, j in members], [j.budget.steps for _, j in members],
-                                            **cc.guard_kwargs())
+                                            starts=[self._start(items[k][3], alg) for k, _ in members], **cc.guard_kwargs())
                 outs = predict_batch(alg, self.meta, [s for s, _ in pairs], [j.tt.query_x for _, j in members])
                 feats = embed_batch(alg, self.meta, [s for s, _ in pairs], [j.tt.support_x for _, j in members]) \
                     if self.config.failure.enabled else [None] * len(members)
@@ -890,12 +890,19 @@ class Agent:
                 results[k] = e
         return results
 
+    def _start(self, pre: tuple | None, alg: Algorithm) -> tuple | None:
+        """The features pass's ``(gradient, loss)`` at the meta-parameters (:func:`agent.batch.start_one`,
+        ``start_batch(keep_start=True)``) for ``alg``'s first guarded step: the learner's gradient is
+        any plain inner loop's on the same model (the guard ignores it for other algorithms)."""
+        if pre is None or len(pre) < 4 or alg.model is not self.learner.model:
+            return None
+        return pre[3]
+
     def _answer(self, task: Task, tt: TaskTensors, feats: dict, received: float, pre: tuple | None = None) -> Outcome:
         """Plan, adapt and finish one task (learning from inline labels at once)."""
         job = self._plan_task(task, tt, feats, pre)
-        start = pre[3] if pre is not None and len(pre) > 3 and job.alg.model is self.learner.model else None
         t0 = time.perf_counter()
-        res = self._adapt(job.alg, tt, job.budget, job.embedding, start=start)
+        res = self._adapt(job.alg, tt, job.budget, job.embedding, start=self._start(pre, job.alg))
         return self._finish(job, res, time.perf_counter() - t0, received)[0]
 
     def _plan_task(self, task: Task, tt: TaskTensors, feats: dict, pre: tuple | None = None,

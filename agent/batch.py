@@ -76,8 +76,8 @@ def batchable(algorithm: Algorithm) -> bool:
 def guarded_adapt_batch(algorithm: Algorithm, meta: MetaState | Sequence[MetaState], tasks: Sequence[TaskTensors],
                         max_steps: int | Sequence[int], *, patience: int = 2, min_rel_improvement: float = 1e-3,
                         backtrack: bool = True, max_backtracks: int = 4, min_steps: int = 1,
-                        holdout: float | str | None = None,
-                        generator: torch.Generator | None = None) -> list[tuple[Adapted, AdaptTrace]]:
+                        holdout: float | str | None = None, generator: torch.Generator | None = None,
+                        starts: Sequence[tuple[dict, Tensor] | None] | None = None) -> list[tuple[Adapted, AdaptTrace]]:
     """:func:`~agent.compute.guarded_adapt` for each task, with tasks of one shape in lockstep.
 
     Parameters
@@ -94,6 +94,10 @@ def guarded_adapt_batch(algorithm: Algorithm, meta: MetaState | Sequence[MetaSta
     patience, min_rel_improvement, backtrack, max_backtracks, min_steps, holdout, generator
         As for :func:`~agent.compute.guarded_adapt`. With ``holdout`` every task is adapted by
         :func:`~agent.compute.guarded_adapt` in order (the generator is drawn as by that loop).
+    starts
+        One per task: the ``start`` of :func:`start_batch` (``keep_start``) for the same tasks,
+        meta state and algorithm, so that the steps from the start state reuse its gradients
+        and losses (the same result); ``None`` entries or per-task meta states: computed here.
 
     Returns
     -------
@@ -112,21 +116,25 @@ def guarded_adapt_batch(algorithm: Algorithm, meta: MetaState | Sequence[MetaSta
         if m < 0:
             raise ValueError(f"max_steps must be >= 0, got {m}")
     metas = _metas(meta, n)
+    starts = list(starts) if starts is not None else [None] * n
+    if len(starts) != n:
+        raise ValueError(f"starts has {len(starts)} entries for {n} tasks")
     guard = dict(patience=patience, min_rel_improvement=min_rel_improvement, backtrack=backtrack,
                  max_backtracks=max_backtracks, min_steps=min_steps)
     if holdout is not None or not batchable(algorithm):
-        return [guarded_adapt(algorithm, mt, t, m, holdout=holdout, generator=generator, **guard)
-                for mt, t, m in zip(metas, tasks, limits)]
+        return [guarded_adapt(algorithm, mt, t, m, holdout=holdout, generator=generator, start=st, **guard)
+                for mt, t, m, st in zip(metas, tasks, limits, starts)]
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tasks):
         groups.setdefault(shape_key(t), []).append(i)
     out: list[Any] = [None] * n
     for idx in groups.values():
         if len(idx) == 1:
-            out[idx[0]] = guarded_adapt(algorithm, metas[idx[0]], tasks[idx[0]], limits[idx[0]], **guard)
+            out[idx[0]] = guarded_adapt(algorithm, metas[idx[0]], tasks[idx[0]], limits[idx[0]], start=starts[idx[0]],
+                                        **guard)
             continue
         for i, res in zip(idx, _guard_batch(algorithm, [metas[i] for i in idx], [tasks[i] for i in idx],
-                                            [limits[i] for i in idx], **guard)):
+                                            [limits[i] for i in idx], starts=[starts[i] for i in idx], **guard)):
             out[i] = res
     return out
 
@@ -219,8 +227,16 @@ def _rows(d: dict[str, Tensor], rows: Tensor | None) -> dict[str, Tensor]:
 
 def _guard_batch(algorithm: Algorithm, metas: list[MetaState], tasks: list[TaskTensors], limits: list[int], *,
                  patience: int, min_rel_improvement: float, backtrack: bool, max_backtracks: int,
-                 min_steps: int) -> list[tuple[Adapted, AdaptTrace]]:
-    """The loop of ``agent.compute._guard``, unrolled into ticks over tasks of one shape."""
+                 min_steps: int, starts: Sequence[tuple[dict, Tensor] | None] | None = None
+                 ) -> list[tuple[Adapted, AdaptTrace]]:
+    """The loop of ``agent.compute._guard``, unrolled into ticks over tasks of one shape.
+
+    For a :func:`~agent.algorithms.base.plain_inner_loop` algorithm and one meta state shared by
+    every task, every task starts from the same parameters: the steps from the start state take
+    them unbatched (``in_dims=None``), the way :func:`start_batch` differentiates the same loss,
+    so its gradients and losses (``starts``, one ``(gradient, loss)`` per task) are exactly these
+    steps' own and are used instead of computing them again.
+    """
     n = len(tasks)
     kind, n_way = tasks[0].kind, tasks[0].n_way
     sx = torch.stack([t.support_x for t in tasks])
@@ -228,6 +244,10 @@ def _guard_batch(algorithm: Algorithm, metas: list[MetaState], tasks: list[TaskT
     shared, mvs = _split_metas(metas)  # mvs: the per-task entries (empty for one shared meta)
     order = list(metas[0])
     start_step = [0]
+    # One shared start state: params_of(meta) for every task, no extras.
+    p0 = algorithm.params_of(shared) if not mvs and plain_inner_loop(algorithm) else None
+    if p0 is None or starts is None or any(st is None for st in starts):
+        starts = None
 
     def merged(mv: dict) -> MetaState:
         return {k: mv[k] if k in mv else shared[k] for k in order} if mv else shared
@@ -251,8 +271,24 @@ def _guard_batch(algorithm: Algorithm, metas: list[MetaState], tasks: list[TaskT
             return c.params, c.extras, algorithm.support_loss(meta, c, t), prev
         return torch.func.vmap(fn)
 
+    def first_step_fn(scale: float, k: int, reuse: bool):
+        # From the shared start state (p0 unbatched); with ``reuse``, at= the starts' gradient and loss.
+        def fn(mv, p, e, x, y, g=None, v=None):
+            meta = merged(mv)
+            t = as_task(x, y)
+            at = {"at": (g, v)} if reuse else {}
+            c = algorithm.step(meta, Adapted(p, e, k), t, lr_scale=scale, grad_fn=func_grad, **at)
+            prev = c.prev_loss if c.prev_loss is not None else torch.full((), math.nan)
+            return c.params, c.extras, algorithm.support_loss(meta, c, t), prev
+        return torch.func.vmap(fn, in_dims=(0, None, None, 0, 0) + ((0, 0) if reuse else ()))
+
     with torch.no_grad():
-        params, extras, loss0 = torch.func.vmap(start_fn)(mvs, sx, sy)
+        if starts is not None:
+            g0 = {k: torch.stack([st[0][k] for st in starts]) for k in p0}
+            l0 = torch.stack([st[1].reshape(()) for st in starts])
+            params, extras, loss0 = {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in p0.items()}, {}, l0
+        else:
+            params, extras, loss0 = torch.func.vmap(start_fn)(mvs, sx, sy)
         # Expanded views of meta (the start state) become real rows that can be overwritten.
         cur_p = {k: v.detach().clone() for k, v in params.items()}
         cur_e = {k: v.detach().clone() for k, v in extras.items()}
@@ -283,9 +319,12 @@ def _guard_batch(algorithm: Algorithm, metas: list[MetaState], tasks: list[TaskT
             for (s, k), idx in buckets.items():
                 whole = len(idx) == n
                 sel = None if whole else torch.tensor(idx)
-                cp, ce, closs, cprev = step_fn(s, k)(_rows(mvs, sel), _rows(cur_p, sel), _rows(cur_e, sel),
-                                                     sx if whole else sx.index_select(0, sel),
-                                                     sy if whole else sy.index_select(0, sel))
+                bx, by = (sx, sy) if whole else (sx.index_select(0, sel), sy.index_select(0, sel))
+                if p0 is not None and k == k0:  # still at the shared start state
+                    extra = (_rows(g0, sel), l0 if whole else l0.index_select(0, sel)) if starts is not None else ()
+                    cp, ce, closs, cprev = first_step_fn(s, k, starts is not None)(mvs, p0, {}, bx, by, *extra)
+                else:
+                    cp, ce, closs, cprev = step_fn(s, k)(_rows(mvs, sel), _rows(cur_p, sel), _rows(cur_e, sel), bx, by)
                 acc_rows, acc_tasks, best_rows, best_tasks = [], [], [], []
                 for j, (i, raw) in enumerate(zip(idx, closs.tolist())):
                     tr = traces[i]
@@ -417,7 +456,7 @@ def _map_states(algorithm, meta, states, xs, fn) -> list[Tensor]:
 
 
 def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTensors], *,
-                grad: bool = True) -> list[tuple[Tensor, float, float]]:
+                grad: bool = True, keep_start: bool = False) -> list[tuple]:
     """Per task, at the meta-parameters: the backbone's support features, the support loss and its gradient norm.
 
     The same numbers as :func:`agent.memory.task_embedding`'s and
@@ -427,7 +466,10 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
     floating ``params.*`` entry), up to float rounding, for tasks of one :func:`shape_key`, in one
     vmapped call when :func:`batchable`; a task alone (or any task of an algorithm that cannot be
     batched) by plain autograd, exactly as those functions compute it. Without ``grad`` the norm
-    is NaN and no backward runs.
+    is NaN and no backward runs. With ``keep_start`` each entry has a fourth element, the
+    ``start`` that :func:`guarded_adapt_batch` (and, for a task alone,
+    :func:`~agent.compute.guarded_adapt`) takes: ``(gradient, loss)``, or ``None`` where
+    :func:`start_one` would give none.
 
     Examples
     --------
@@ -451,6 +493,8 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
     shared = {k: meta[k].detach() for k in names}
     rest = {k: v.detach() for k, v in meta.items() if k not in shared}
     model = algorithm.model
+    # the gradient is the first inner step's (start_one's conditions)
+    reuse = keep_start and grad and plain_inner_loop(algorithm) and not any(k.startswith("params.") for k in rest)
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tasks):
         groups.setdefault(shape_key(t), []).append(i)
@@ -463,6 +507,7 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
             return algorithm.support_loss(m, algorithm.start(m, t), t)
 
         def one(p, x, y):
+            g = {}
             if grad:
                 g, loss = torch.func.grad_and_value(loss_fn)(p, x, y)
                 sq = sum((v.double() ** 2).sum() for v in g.values()) if g else torch.zeros((), dtype=torch.float64)
@@ -470,18 +515,21 @@ def start_batch(algorithm: Algorithm, meta: MetaState, tasks: Sequence[TaskTenso
                 loss, sq = loss_fn(p, x, y), torch.full((), math.nan, dtype=torch.float64)
             m = {**rest, **p}
             f = embed(model, subdict(m, "params.") or dict(m), subdict(m, "buffers."), x)
-            return f, loss, sq
+            return f, loss, sq, (g if reuse else {})
 
         if len(idx) == 1 or not batchable(algorithm):
             for i in idx:
-                out[i] = _start_one(algorithm, shared, rest, tasks[i], grad)[:3]
+                r = _start_one(algorithm, shared, rest, tasks[i], grad)
+                out[i] = (*r[:3], r[3] if reuse else None) if keep_start else r[:3]
             continue
         sx = torch.stack([tasks[i].support_x for i in idx])
         sy = torch.stack([tasks[i].support_y for i in idx])
         with torch.no_grad():
-            f, loss, sq = torch.func.vmap(one, in_dims=(None, 0, 0))(shared, sx, sy)
+            f, loss, sq, g = torch.func.vmap(one, in_dims=(None, 0, 0))(shared, sx, sy)
         for j, (i, lv, sv) in enumerate(zip(idx, loss.tolist(), sq.tolist())):
             out[i] = (f[j], lv, math.sqrt(sv) if sv == sv else math.nan)
+            if keep_start:
+                out[i] += (({k[len("params."):]: v[j] for k, v in g.items()}, loss[j]) if reuse and g else None,)
     return out
 
 

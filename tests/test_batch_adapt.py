@@ -435,3 +435,67 @@ def sine_records(n, seed):
 
     return [Task(f"t{i}", "regression", t.support_x.numpy(), t.support_y.numpy(), t.query_x.numpy(), t.query_y.numpy())
             for i, t in enumerate(sine_tasks(n, seed=seed))]
+
+
+@pytest.mark.parametrize("name", ["maml", "metasgd", "mamlpp", "anil"])
+def test_batched_guard_reuses_start_batch_gradients_bit_for_bit(name):
+    # start_batch(keep_start=True) differentiates the support loss with the parameters
+    # unbatched, as the batched guard's steps from the shared start state do: passing its
+    # gradients and losses changes nothing, to the last bit, backtracks included.
+    from agent.algorithms.base import plain_inner_loop
+    from agent.batch import start_batch
+
+    alg = build(name, mlp(hidden=(40, 40)), inner_lr=1.5)
+    meta = alg.init_meta(torch.Generator().manual_seed(1))
+    tasks = sine_tasks(12, seed=5) + sine_tasks(3, k=6, seed=6)  # two shapes
+    pre = start_batch(alg, meta, tasks, keep_start=True)
+    assert [len(p) for p in pre] == [4] * len(tasks)
+    starts = [p[3] for p in pre]
+    assert all((s is not None) == plain_inner_loop(alg) for s in starts)
+    with_starts = guarded_adapt_batch(alg, meta, tasks, [6] * 12 + [3] * 3, starts=starts)
+    without = guarded_adapt_batch(alg, meta, tasks, [6] * 12 + [3] * 3)
+    assert sum(tr.backtracks for _, tr in without) > 0
+    for (s, tr), (s0, tr0) in zip(with_starts, without):
+        assert tr.to_dict() == tr0.to_dict()
+        assert all(torch.equal(s.params[k], s0.params[k]) for k in s0.params)
+    # and the losses are the start_batch ones
+    assert [tr.losses[0] for _, tr in without] == [p[1] for p in pre]
+    # per-task meta states (memory warm starts) do not start from one state: starts are not used
+    metas = [{k: v + 0.01 * i for k, v in meta.items()} for i in range(len(tasks))]
+    got = guarded_adapt_batch(alg, metas, tasks, 4, starts=starts)
+    want = guarded_adapt_batch(alg, metas, tasks, 4)
+    assert [tr.to_dict() for _, tr in got] == [tr.to_dict() for _, tr in want]
+    with pytest.raises(ValueError, match="starts has 2 entries for 15 tasks"):
+        guarded_adapt_batch(alg, meta, tasks, 4, starts=starts[:2])
+
+
+def test_agent_micro_batch_reuses_the_start_gradients_and_answers_the_same(monkeypatch):
+    import agent.agent as agent_module
+    from agent.agent import Agent
+    from agent.batch import guarded_adapt_batch as real_batch, start_batch
+
+    passed = []
+
+    def spy(*a, **k):
+        passed.extend(s is not None for s in k.get("starts") or [])
+        return real_batch(*a, **k)
+
+    def run(reuse):
+        monkeypatch.setattr(agent_module, "guarded_adapt_batch", spy)
+        if not reuse:
+            monkeypatch.setattr(agent_module, "start_batch",
+                                lambda *a, **k: [p[:3] for p in start_batch(*a, **{**k, "keep_start": False})])
+        passed.clear()
+        a = Agent.from_config({"agent": {"in_shape": [1], "out_dim": 1, "seed": 4, "micro_batch": 8},
+                               "metrics": {"addr": "0"}})
+        tasks = sine_records(24, seed=9)
+        outs = [o.to_dict() for i in range(0, 24, 8) for o in a.step_many(tasks[i:i + 8])]
+        monkeypatch.undo()
+        return a, outs, list(passed)
+
+    plain, plain_out, plain_passed = run(False)
+    reused, reused_out, reused_passed = run(True)
+    assert reused_passed and all(reused_passed) and not any(plain_passed)
+    strip = lambda d: {k: v for k, v in d.items() if k != "latency_ms"}  # noqa: E731
+    assert [strip(d) for d in reused_out] == [strip(d) for d in plain_out]
+    assert plain.status() == reused.status()
