@@ -16,6 +16,11 @@ no descending retry, ``max_steps`` reached) leaves the batch. Per-task results e
 up to float32 rounding (a batched matrix product may sum in another order), so a decision that
 sits on a tie at rounding level could differ; step counts are otherwise identical.
 
+The agent's features pass (:func:`start_batch`, :func:`start_one`) differentiates the support
+loss at the meta-parameters anyway; with ``keep_start`` it keeps that gradient and loss, and
+``guarded_adapt_batch(..., starts=...)`` (or ``guarded_adapt(..., start=...)``) takes the first
+step from them instead of running the model again: the same result, bit for bit.
+
 What is not batched falls back to the per-task loop (the same results by construction):
 closed-form algorithms (``iterative`` false), models whose ``vmappable`` is false (batch
 normalisation: statistics across the batch would mix tasks), held-out step selection
