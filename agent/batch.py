@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from agent.algorithms.base import Adapted, Algorithm, MetaState, TaskTensors, func_grad, plain_inner_loop
-from agent.compute import AdaptTrace, guarded_adapt
+from agent.compute import AdaptTrace, _finite, guarded_adapt
 from agent.nn.model import embed, subdict
 
 __all__ = ["guarded_adapt_batch", "predict_batch", "embed_batch", "start_batch", "start_one", "start_loss_batch",
@@ -222,10 +222,6 @@ def start_loss_batch(algorithm: Algorithm, meta: MetaState | Sequence[MetaState]
     return out
 
 
-def _finite(v: float) -> float:
-    return v if math.isfinite(v) else math.inf
-
-
 def _rows(d: dict[str, Tensor], rows: Tensor | None) -> dict[str, Tensor]:
     return d if rows is None else {k: v.index_select(0, rows) for k, v in d.items()}
 
@@ -267,17 +263,9 @@ def _guard_batch(algorithm: Algorithm, metas: list[MetaState], tasks: list[TaskT
         start_step[0] = s.step
         return s.params, s.extras, algorithm.support_loss(meta, s, t)
 
-    def step_fn(scale: float, k: int):
-        def fn(mv, p, e, x, y):
-            meta = merged(mv)
-            t = as_task(x, y)
-            c = algorithm.step(meta, Adapted(p, e, k), t, lr_scale=scale, grad_fn=func_grad)
-            prev = c.prev_loss if c.prev_loss is not None else torch.full((), math.nan)
-            return c.params, c.extras, algorithm.support_loss(meta, c, t), prev
-        return torch.func.vmap(fn)
-
-    def first_step_fn(scale: float, k: int, reuse: bool):
-        # From the shared start state (p0 unbatched); with ``reuse``, at= the starts' gradient and loss.
+    def step_fn(scale: float, k: int, from_start: bool = False, reuse: bool = False):
+        # ``from_start``: from the shared start state (p0 and no extras, unbatched); with
+        # ``reuse``, the step takes the starts' gradient and loss (``at``).
         def fn(mv, p, e, x, y, g=None, v=None):
             meta = merged(mv)
             t = as_task(x, y)
@@ -285,7 +273,7 @@ def _guard_batch(algorithm: Algorithm, metas: list[MetaState], tasks: list[TaskT
             c = algorithm.step(meta, Adapted(p, e, k), t, lr_scale=scale, grad_fn=func_grad, **at)
             prev = c.prev_loss if c.prev_loss is not None else torch.full((), math.nan)
             return c.params, c.extras, algorithm.support_loss(meta, c, t), prev
-        return torch.func.vmap(fn, in_dims=(0, None, None, 0, 0) + ((0, 0) if reuse else ()))
+        return torch.func.vmap(fn, in_dims=((0, None, None, 0, 0) if from_start else (0,) * 5) + ((0, 0) if reuse else ()))
 
     with torch.no_grad():
         if starts is not None:
@@ -327,7 +315,7 @@ def _guard_batch(algorithm: Algorithm, metas: list[MetaState], tasks: list[TaskT
                 bx, by = (sx, sy) if whole else (sx.index_select(0, sel), sy.index_select(0, sel))
                 if p0 is not None and k == k0:  # still at the shared start state
                     extra = (_rows(g0, sel), l0 if whole else l0.index_select(0, sel)) if starts is not None else ()
-                    cp, ce, closs, cprev = first_step_fn(s, k, starts is not None)(mvs, p0, {}, bx, by, *extra)
+                    cp, ce, closs, cprev = step_fn(s, k, True, starts is not None)(mvs, p0, {}, bx, by, *extra)
                 else:
                     cp, ce, closs, cprev = step_fn(s, k)(_rows(mvs, sel), _rows(cur_p, sel), _rows(cur_e, sel), bx, by)
                 acc_rows, acc_tasks, best_rows, best_tasks = [], [], [], []
@@ -566,13 +554,7 @@ def start_one(algorithm: Algorithm, meta: MetaState, task: TaskTensors, *,
     >>> reused.losses == plain.losses and reused.losses[0] == loss
     True
     """
-    names = [k for k, v in meta.items() if k.startswith("params.") and v.is_floating_point()]
-    shared = {k: meta[k].detach() for k in names}
-    rest = {k: v.detach() for k, v in meta.items() if k not in shared}
-    f, loss, gnorm, start = _start_one(algorithm, shared, rest, task, grad)
-    if start is not None and (not plain_inner_loop(algorithm) or any(k.startswith("params.") for k in rest)):
-        start = None
-    return f, loss, gnorm, start
+    return start_batch(algorithm, meta, [task], grad=grad, keep_start=True)[0]
 
 
 def _start_one(algorithm: Algorithm, shared: dict, rest: dict, task: TaskTensors,

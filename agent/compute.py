@@ -362,18 +362,21 @@ class AdaptTrace:
         return dict(self.__dict__)
 
 
+def _finite(v: float) -> float:
+    """``v``, or ``inf`` for a NaN or infinite loss (the guard ranks it worst)."""
+    return v if math.isfinite(v) else math.inf
+
+
 def _loss(algorithm: Algorithm, meta: MetaState, state: Adapted, task: TaskTensors) -> float:
     with torch.no_grad():
-        v = float(algorithm.support_loss(meta, state, task))
-    return v if math.isfinite(v) else math.inf
+        return _finite(float(algorithm.support_loss(meta, state, task)))
 
 
 def _heldout_loss(algorithm: Algorithm, meta: MetaState, state: Adapted, held: TaskTensors) -> float:
     # Scores examples the state was not fitted on through predict: ``support_loss`` may read
     # caches of the fit part's support set (ANIL's features, the heads' embeddings).
     with torch.no_grad():
-        v = float(task_loss(held.kind, algorithm.predict(meta, state, held.support_x), held.support_y, held.n_way))
-    return v if math.isfinite(v) else math.inf
+        return _finite(float(task_loss(held.kind, algorithm.predict(meta, state, held.support_x), held.support_y, held.n_way)))
 
 
 def guarded_adapt(algorithm: Algorithm, meta: MetaState, task: TaskTensors, max_steps: int, *,
@@ -503,11 +506,7 @@ def _guard(algorithm, meta, task, max_steps, patience, min_rel_improvement, back
     trace = AdaptTrace()
     cur = algorithm.start(meta, task)
     at = start  # (gradient, loss) at ``cur`` while it is the start state; every retry of the first step reuses it
-    if at is None:
-        cur_loss = _loss(algorithm, meta, cur, task)
-    else:
-        v = float(at[1])
-        cur_loss = v if math.isfinite(v) else math.inf
+    cur_loss = _loss(algorithm, meta, cur, task) if at is None else _finite(float(at[1]))
     trace.losses.append(cur_loss)
     path = [cur]
     first = min(min_steps, max_steps)
